@@ -1,0 +1,46 @@
+# layergrad developer commands. Everything runs inside .venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+ADDRESS ?= 127.0.0.1:50051
+SERVER_ARGS ?=
+
+.PHONY: setup run serve demo test lint proto proto-check bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip "setuptools>=77,<81" wheel
+	$(PIP) install --no-build-isolation "chainer==7.8.1"
+	$(PIP) install -e ".[server,dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Starts a server on a free port, makes a demo call with the SDK, stops it.
+run: setup
+	$(PY) scripts/demo.py $(SERVER_ARGS)
+
+serve: setup
+	$(VENV)/bin/layergrad-server --address $(ADDRESS) $(SERVER_ARGS)
+
+test: setup
+	$(PY) -m pytest tests
+
+lint: setup
+	$(VENV)/bin/ruff check client server tests scripts
+	$(VENV)/bin/ruff format --check client server tests scripts
+
+proto: setup
+	$(PY) scripts/gen_proto.py
+
+# Fails when the committed stubs differ from what `make proto` generates.
+proto-check: proto
+	git diff --exit-code -- client/layergrad/_gen
+	test -z "$$(git status --porcelain -- client/layergrad/_gen)"
+
+bench: setup
+	$(PY) scripts/bench.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info client/*.egg-info server/*.egg-info

@@ -1,0 +1,257 @@
+"""Protobuf <-> numpy and engine types, in one place.
+
+Requests become ``engine`` dataclasses (structural checks: dtypes, shapes, byte
+lengths, finite values); engine results become responses or stream chunks.
+Tensors on the wire are flattened row-major little-endian with no padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
+from layergrad_server import engine, images
+from layergrad_server.errors import InvalidArgument
+
+DTYPES = {
+    pb.DATA_TYPE_FLOAT32: np.dtype("<f4"),
+    pb.DATA_TYPE_FLOAT16: np.dtype("<f2"),
+    pb.DATA_TYPE_FLOAT64: np.dtype("<f8"),
+    pb.DATA_TYPE_UINT8: np.dtype("u1"),
+    pb.DATA_TYPE_INT32: np.dtype("<i4"),
+    pb.DATA_TYPE_INT64: np.dtype("<i8"),
+}
+_DTYPE_ENUMS = {dtype.newbyteorder("="): value for value, dtype in DTYPES.items()}
+
+PATTERNS = {
+    pb.BACKWARD_PATTERN_BACKWARD: engine.Pattern.BACKWARD,
+    pb.BACKWARD_PATTERN_BACKWARD_RETAIN_GRAD: engine.Pattern.BACKWARD_RETAIN_GRAD,
+    pb.BACKWARD_PATTERN_GRAD: engine.Pattern.GRAD,
+}
+
+KINDS = {
+    engine.Kind.INPUT_GRADIENT: pb.TENSOR_KIND_INPUT_GRADIENT,
+    engine.Kind.LAYER_GRADIENT: pb.TENSOR_KIND_LAYER_GRADIENT,
+    engine.Kind.PARAMETER_GRADIENT: pb.TENSOR_KIND_PARAMETER_GRADIENT,
+    engine.Kind.ACTIVATION: pb.TENSOR_KIND_ACTIVATION,
+}
+
+MAX_DIMS = 8
+
+
+# ---- protobuf -> numpy -----------------------------------------------------------
+
+
+def tensor_to_array(
+    tensor: pb.Tensor,
+    field: str,
+    *,
+    dtypes: Sequence[np.dtype],
+    ndim: int | None = None,
+    finite: bool = False,
+) -> np.ndarray:
+    """Decodes a Tensor, checking dtype, shape and byte length; the array is read-only."""
+    dtype = DTYPES.get(tensor.dtype)
+    if dtype is None or dtype not in dtypes:
+        allowed = ", ".join(pb.DataType.Name(_DTYPE_ENUMS[d.newbyteorder("=")]) for d in dtypes)
+        raise InvalidArgument(
+            f"dtype {_dtype_name(tensor.dtype)} is not accepted here; expected {allowed}",
+            field=f"{field}.dtype",
+            reason="BAD_DTYPE",
+        )
+    shape = tuple(tensor.shape)
+    if len(shape) > MAX_DIMS or any(d < 0 for d in shape) or (ndim is not None and len(shape) != ndim):
+        expected = f"{ndim} non-negative dimensions" if ndim is not None else "non-negative dimensions"
+        raise InvalidArgument(f"shape {list(shape)} is invalid: expected {expected}", field=f"{field}.shape")
+    count = 1
+    for d in shape:
+        count *= d
+    expected_bytes = count * dtype.itemsize
+    if len(tensor.data) != expected_bytes:
+        raise InvalidArgument(
+            f"data has {len(tensor.data)} bytes but shape {list(shape)} of "
+            f"{pb.DataType.Name(tensor.dtype)} needs {expected_bytes}",
+            field=f"{field}.data",
+            reason="BYTE_LENGTH_MISMATCH",
+        )
+    array = np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    if finite and dtype.kind == "f" and not np.isfinite(array).all():
+        raise InvalidArgument("values must be finite (no NaN or infinity)", field=field, reason="NON_FINITE")
+    return array.astype(dtype.newbyteorder("="), copy=False)
+
+
+def _dtype_name(value: int) -> str:
+    try:
+        return pb.DataType.Name(value)
+    except ValueError:
+        return f"<unknown {value}>"
+
+
+def input_to_array(message: pb.Input, field: str, image_limits: images.ImageLimits) -> np.ndarray:
+    """One Input as a prepared float32 3x224x224 array (Chainer's ``vgg.prepare``)."""
+    kind = message.WhichOneof("kind")
+    if kind == "prepared":
+        array = tensor_to_array(message.prepared, f"{field}.prepared", dtypes=[DTYPES[pb.DATA_TYPE_FLOAT32]], finite=True)
+        if array.shape != engine.INPUT_SHAPE:
+            raise InvalidArgument(
+                f"a prepared input must have shape {list(engine.INPUT_SHAPE)} (CHW, BGR, mean subtracted), "
+                f"got {list(array.shape)}",
+                field=f"{field}.prepared.shape",
+                reason="SHAPE_MISMATCH",
+            )
+        return array
+    if kind == "rgb_image":
+        array = tensor_to_array(message.rgb_image, f"{field}.rgb_image", dtypes=[DTYPES[pb.DATA_TYPE_UINT8]], ndim=3)
+        image = images.from_rgb_array(array, f"{field}.rgb_image", image_limits)
+    elif kind == "encoded_image":
+        image = images.decode(message.encoded_image, f"{field}.encoded_image", image_limits)
+    else:
+        raise InvalidArgument(
+            "input has no content: set encoded_image, rgb_image or prepared", field=field, reason="EMPTY_INPUT"
+        )
+    return engine.Engine.prepare(image)
+
+
+def inputs_to_batch(
+    messages: Sequence[pb.Input], image_limits: images.ImageLimits, max_batch_size: int
+) -> np.ndarray:
+    """The request's inputs as one prepared (N, 3, 224, 224) float32 batch."""
+    if not messages:
+        raise InvalidArgument("the batch is empty: send at least one input", field="inputs", reason="EMPTY_BATCH")
+    if len(messages) > max_batch_size:
+        raise InvalidArgument(
+            f"batch of {len(messages)} inputs exceeds the limit of {max_batch_size}",
+            field="inputs",
+            reason="BATCH_TOO_LARGE",
+        )
+    batch = np.empty((len(messages), *engine.INPUT_SHAPE), dtype=np.float32)
+    for i, message in enumerate(messages):
+        batch[i] = input_to_array(message, f"inputs[{i}]", image_limits)
+    return batch
+
+
+def _classes(values: Sequence[int]) -> np.ndarray:
+    return np.asarray(values, dtype=np.int64)
+
+
+def loss_from_proto(message: pb.Loss) -> engine.Loss | None:
+    """The request's loss, or None when unset."""
+    kind = message.WhichOneof("kind")
+    float32 = [DTYPES[pb.DATA_TYPE_FLOAT32]]
+    if kind == "sum_of_squares":
+        return engine.SumOfSquares(message.sum_of_squares.layer)
+    if kind == "squared_error":
+        m = message.squared_error
+        target = (
+            tensor_to_array(m.target, "loss.squared_error.target", dtypes=float32, finite=True)
+            if m.HasField("target")
+            else None
+        )
+        classes = _classes(m.target_classes) if m.target_classes else None
+        return engine.SquaredError(m.layer, target=target, target_classes=classes)
+    if kind == "softmax_cross_entropy":
+        return engine.SoftmaxCrossEntropy(_classes(message.softmax_cross_entropy.labels))
+    if kind == "class_score":
+        return engine.ClassScore(message.class_score.layer, _classes(message.class_score.classes))
+    if kind == "upstream_gradient":
+        m = message.upstream_gradient
+        if not m.HasField("gradient"):
+            raise InvalidArgument("upstream_gradient needs a gradient tensor", field="loss.upstream_gradient.gradient")
+        gradient = tensor_to_array(m.gradient, "loss.upstream_gradient.gradient", dtypes=float32, finite=True)
+        return engine.UpstreamGradient(m.layer, gradient)
+    return None
+
+
+def output_dtype(value: int) -> np.dtype:
+    """The requested output element type; UNSPECIFIED means float32."""
+    if value == pb.DATA_TYPE_UNSPECIFIED:
+        return np.dtype(np.float32)
+    if value in (pb.DATA_TYPE_FLOAT32, pb.DATA_TYPE_FLOAT16):
+        return DTYPES[value].newbyteorder("=")
+    raise InvalidArgument(
+        f"output_dtype {_dtype_name(value)} is not supported; use DATA_TYPE_FLOAT32 or DATA_TYPE_FLOAT16",
+        field="output_dtype",
+        reason="BAD_DTYPE",
+    )
+
+
+def query_from_proto(
+    request: pb.ComputeGradientsRequest | pb.StreamGradientsRequest,
+    image_limits: images.ImageLimits,
+    max_batch_size: int,
+) -> engine.GradientQuery:
+    """A gradient request (unary or stream: same fields) as an engine query."""
+    targets = request.targets
+    return engine.GradientQuery(
+        inputs=inputs_to_batch(request.inputs, image_limits, max_batch_size),
+        loss=loss_from_proto(request.loss),
+        pattern=PATTERNS.get(request.pattern),
+        parameters=tuple(targets.parameters),
+        all_parameters=targets.all_parameters,
+        layers=tuple(targets.layers),
+        all_layers=targets.all_layers,
+        input=targets.input,
+        activations=tuple(request.activation_layers),
+        output_dtype=output_dtype(request.output_dtype),
+    )
+
+
+# ---- numpy -> protobuf -----------------------------------------------------------
+
+
+def dtype_enum(dtype: np.dtype) -> int:
+    """The DataType enum value of a numpy dtype."""
+    return _DTYPE_ENUMS[np.dtype(dtype).newbyteorder("=")]
+
+
+def _little_endian(array: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+
+
+def array_to_tensor(array: np.ndarray) -> pb.Tensor:
+    """A numpy array as a Tensor."""
+    return pb.Tensor(dtype=dtype_enum(array.dtype), shape=array.shape, data=_little_endian(array).tobytes())
+
+
+def named_tensor(tensor: engine.ResultTensor) -> pb.NamedTensor:
+    return pb.NamedTensor(name=tensor.name, kind=KINDS[tensor.kind], tensor=array_to_tensor(tensor.array))
+
+
+def gradients_response(result: engine.GradientResult) -> pb.ComputeGradientsResponse:
+    """A gradient result as one unary response."""
+    response = pb.ComputeGradientsResponse(
+        gradients=[named_tensor(t) for t in result.tensors if t.kind is not engine.Kind.ACTIVATION],
+        activations=[named_tensor(t) for t in result.tensors if t.kind is engine.Kind.ACTIVATION],
+    )
+    if result.loss is not None:
+        response.loss = result.loss
+    return response
+
+
+def gradient_chunks(result: engine.GradientResult, chunk_bytes: int) -> Iterator[pb.StreamGradientsResponse]:
+    """A gradient result as stream messages of at most ``chunk_bytes`` data bytes each.
+
+    Tensors are sliced through a memoryview, so only one chunk is copied at a time.
+    """
+    first = True
+    for tensor in result.tensors:
+        array = _little_endian(tensor.array)
+        flat = memoryview(array.reshape(-1).view(np.uint8))
+        header = {
+            "name": tensor.name,
+            "kind": KINDS[tensor.kind],
+            "dtype": dtype_enum(array.dtype),
+            "shape": array.shape,
+        }
+        for offset in range(0, max(len(flat), 1), chunk_bytes):
+            message = pb.StreamGradientsResponse(offset=offset, data=bytes(flat[offset : offset + chunk_bytes]), **header)
+            if first and result.loss is not None:
+                message.loss = result.loss
+            first = False
+            yield message
+
+
+def predict_response(tensors: Sequence[engine.ResultTensor]) -> pb.PredictResponse:
+    return pb.PredictResponse(activations=[named_tensor(t) for t in tensors])

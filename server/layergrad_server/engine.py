@@ -1,0 +1,552 @@
+"""The compute core: a Chainer VGG16 and the three backward patterns.
+
+Knows nothing of gRPC or protobuf. ``Engine.plan`` validates a ``GradientQuery``
+against the model and sizes its result without computing; ``Engine.gradients``
+runs it. Every forward pass runs with ``chainer.config.train = False`` (no
+dropout), so results are deterministic. Parameters' ``.grad`` is shared state,
+so compute is serialised by one lock per engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import io
+import logging
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+
+from layergrad_server import _compat  # noqa: F401  (must precede chainer)
+from layergrad_server.errors import InvalidArgument, names_hint
+
+import chainer  # noqa: E402, I001
+import chainer.functions as F  # noqa: E402, N812
+from chainer.links.model.vision import vgg  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+INPUT_SHAPE = (3, 224, 224)
+MEAN_BGR = (103.939, 116.779, 123.68)
+MODEL_NAME = "VGG16"
+INPUT_NAME = "input"
+OUTPUT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+
+
+class Pattern(enum.Enum):
+    """The backward idioms of Chainer the engine executes."""
+
+    BACKWARD = "backward"  # net.cleargrads(); loss.backward()
+    BACKWARD_RETAIN_GRAD = "backward_retain_grad"  # loss.backward(retain_grad=True)
+    GRAD = "grad"  # chainer.grad([loss], [targets])
+
+
+class Kind(enum.Enum):
+    """What a result tensor is."""
+
+    INPUT_GRADIENT = "input_gradient"
+    LAYER_GRADIENT = "layer_gradient"
+    PARAMETER_GRADIENT = "parameter_gradient"
+    ACTIVATION = "activation"
+
+
+# Losses. ``field`` prefixes name the request fields in error messages.
+
+
+@dataclasses.dataclass(frozen=True)
+class SumOfSquares:
+    """sum(square(layer))."""
+
+    layer: str
+
+
+@dataclasses.dataclass(frozen=True)
+class SquaredError:
+    """sum(square(layer - target)); target given as a tensor or one-hot classes."""
+
+    layer: str
+    target: np.ndarray | None = None
+    target_classes: np.ndarray | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SoftmaxCrossEntropy:
+    """softmax_cross_entropy(fc8, labels), averaged over the batch."""
+
+    labels: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassScore:
+    """sum_i layer[i, classes[i]]."""
+
+    layer: str
+    classes: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class UpstreamGradient:
+    """Backpropagation from ``layer`` with ``gradient`` as its grad."""
+
+    layer: str
+    gradient: np.ndarray
+
+
+Loss = SumOfSquares | SquaredError | SoftmaxCrossEntropy | ClassScore | UpstreamGradient
+
+_LOSS_FIELDS = {
+    SumOfSquares: "loss.sum_of_squares",
+    SquaredError: "loss.squared_error",
+    SoftmaxCrossEntropy: "loss.softmax_cross_entropy",
+    ClassScore: "loss.class_score",
+    UpstreamGradient: "loss.upstream_gradient",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GradientQuery:
+    """One gradient request, in numpy terms. ``inputs`` is the prepared batch."""
+
+    inputs: np.ndarray
+    loss: Loss | None
+    pattern: Pattern | None
+    parameters: Sequence[str] = ()
+    all_parameters: bool = False
+    layers: Sequence[str] = ()
+    all_layers: bool = False
+    input: bool = False
+    activations: Sequence[str] = ()
+    output_dtype: np.dtype = np.dtype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ResultSpec:
+    """Name, kind, shape and dtype of one result tensor, known before compute."""
+
+    name: str
+    kind: Kind
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A validated query with the ordered list of tensors it will return."""
+
+    query: GradientQuery
+    loss_layer: str
+    layers: tuple[str, ...]
+    parameters: tuple[str, ...]
+    results: tuple[ResultSpec, ...]
+
+    @property
+    def result_bytes(self) -> int:
+        return sum(spec.nbytes for spec in self.results)
+
+
+@dataclasses.dataclass(frozen=True)
+class ResultTensor:
+    """One computed tensor."""
+
+    name: str
+    kind: Kind
+    array: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class GradientResult:
+    """Tensors in plan order (input, layers, parameters, activations) and the loss."""
+
+    tensors: list[ResultTensor]
+    loss: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsSource:
+    """Where the weights come from: an npz file or a random seed."""
+
+    source: str
+    pretrained: bool
+    npz_path: str | None = None
+    random_seed: int | None = None
+    file_sha256: str = ""
+
+
+def random_weights_npz(seed: int) -> io.BytesIO:
+    """Deterministic He-normal weights and small biases for every VGG16 parameter, as an npz.
+
+    Written in Chainer's VGG16Layers npz layout so it loads through the same
+    ``load_npz`` path as a weights file.
+    """
+    rng = np.random.default_rng(seed)
+    shapes = _parameter_shapes()
+    arrays = {}
+    for name, shape in shapes:
+        if name.endswith("/W"):
+            fan_in = int(np.prod(shape[1:]))
+            arrays[name] = rng.standard_normal(shape, dtype=np.float32) * np.float32(np.sqrt(2.0 / fan_in))
+        else:
+            arrays[name] = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.01)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    buffer.seek(0)
+    return buffer
+
+
+def _parameter_shapes() -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every VGG16 parameter in model order, from the Chainer links."""
+    shapes = []
+    in_channels = 3
+    for name, out_channels in _CONV_CHANNELS:
+        shapes.append((f"{name}/W", (out_channels, in_channels, 3, 3)))
+        shapes.append((f"{name}/b", (out_channels,)))
+        in_channels = out_channels
+    for name, n_in, n_out in (("fc6", 512 * 7 * 7, 4096), ("fc7", 4096, 4096), ("fc8", 4096, 1000)):
+        shapes.append((f"{name}/W", (n_out, n_in)))
+        shapes.append((f"{name}/b", (n_out,)))
+    return shapes
+
+
+_CONV_CHANNELS = [
+    ("conv1_1", 64), ("conv1_2", 64),
+    ("conv2_1", 128), ("conv2_2", 128),
+    ("conv3_1", 256), ("conv3_2", 256), ("conv3_3", 256),
+    ("conv4_1", 512), ("conv4_2", 512), ("conv4_3", 512),
+    ("conv5_1", 512), ("conv5_2", 512), ("conv5_3", 512),
+]  # fmt: skip
+
+
+class Engine:
+    """Holds one VGG16Layers and computes gradients and activations."""
+
+    def __init__(self, weights: WeightsSource, *, max_batch_size: int = 32) -> None:
+        self.weights = weights
+        self.max_batch_size = max_batch_size
+        self._lock = threading.Lock()
+        if weights.npz_path is not None:
+            self.net = vgg.VGG16Layers(pretrained_model=weights.npz_path)
+        elif weights.random_seed is not None:
+            self.net = vgg.VGG16Layers(pretrained_model=random_weights_npz(weights.random_seed))
+        else:
+            raise ValueError("weights need an npz path or a random seed")
+        self.layer_names: tuple[str, ...] = tuple(self.net.available_layers)
+        self._layer_index = {name: i for i, name in enumerate(self.layer_names)}
+        self._params = {
+            name.lstrip("/"): param for name, param in sorted(self.net.namedparams(), key=_param_order_key)
+        }
+        self.parameter_names: tuple[str, ...] = tuple(self._params)
+        self.parameters_sha256 = self._parameters_digest()
+        self.layer_shapes: dict[str, tuple[int, ...]] = {}
+
+    # ---- model description -------------------------------------------------
+
+    def parameter_info(self) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+        """(name, shape, dtype) of every parameter in model order."""
+        return [(name, p.shape, p.dtype) for name, p in self._params.items()]
+
+    def layer_info(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(name, per-input output shape) of every layer in forward order."""
+        return [(name, self.layer_shapes[name]) for name in self.layer_names]
+
+    def _parameters_digest(self) -> str:
+        digest = hashlib.sha256()
+        for name, param in self._params.items():
+            digest.update(name.encode())
+            digest.update(np.ascontiguousarray(param.array, dtype="<f4").tobytes())
+        return digest.hexdigest()
+
+    def warm_up(self) -> None:
+        """Runs one forward and backward pass on a zero image; records layer output shapes."""
+        x = chainer.Variable(np.zeros((1, *INPUT_SHAPE), dtype=np.float32))
+        with self._lock, chainer.using_config("train", False):
+            acts = self.net.forward(x, layers=list(self.layer_names))
+            chainer.grad([F.sum(acts["prob"])], [x])
+        self.layer_shapes = {name: tuple(acts[name].shape[1:]) for name in self.layer_names}
+
+    # ---- input preparation ---------------------------------------------------
+
+    @staticmethod
+    def prepare(image: object) -> np.ndarray:
+        """Chainer's own ``vgg.prepare`` of a PIL image: resize, RGB->BGR, mean, CHW."""
+        return vgg.prepare(image)
+
+    # ---- validation ----------------------------------------------------------
+
+    def _check_batch(self, inputs: np.ndarray) -> int:
+        if inputs.ndim != 4 or inputs.shape[0] == 0:
+            raise InvalidArgument("the batch is empty: send at least one input", field="inputs")
+        if inputs.shape[0] > self.max_batch_size:
+            raise InvalidArgument(
+                f"batch of {inputs.shape[0]} inputs exceeds the limit of {self.max_batch_size}",
+                field="inputs",
+                reason="BATCH_TOO_LARGE",
+            )
+        return int(inputs.shape[0])
+
+    def _check_layer(self, name: str, field: str) -> str:
+        if name not in self._layer_index:
+            message = f"unknown layer {name!r}" if name else "no layer given"
+            raise InvalidArgument(
+                f"{message}; {names_hint('layers', self.layer_names)}", field=field, reason="UNKNOWN_LAYER"
+            )
+        return name
+
+    def _check_parameter(self, name: str, field: str) -> str:
+        if name not in self._params:
+            raise InvalidArgument(
+                f"unknown parameter {name!r}; {names_hint('parameters', self.parameter_names)}",
+                field=field,
+                reason="UNKNOWN_PARAMETER",
+            )
+        return name
+
+    def _check_classes(self, classes: np.ndarray, batch: int, width: int, field: str) -> None:
+        if classes.shape != (batch,):
+            raise InvalidArgument(
+                f"expected one class per input ({batch}), got {classes.size}", field=field
+            )
+        bad = classes[(classes < 0) | (classes >= width)]
+        if bad.size:
+            raise InvalidArgument(
+                f"class {int(bad[0])} is out of range: classes must be in [0, {width})",
+                field=field,
+                reason="CLASS_OUT_OF_RANGE",
+            )
+
+    def _check_vector_layer(self, layer: str, field: str) -> int:
+        shape = self.layer_shapes[layer]
+        if len(shape) != 1:
+            vector_layers = [n for n in self.layer_names if len(self.layer_shapes[n]) == 1]
+            raise InvalidArgument(
+                f"layer {layer!r} has output shape {list(shape)}; class-based losses need a layer with "
+                f"a 1-D output: {', '.join(vector_layers)}",
+                field=field,
+            )
+        return shape[0]
+
+    def _check_tensor_shape(self, array: np.ndarray, layer: str, batch: int, field: str) -> None:
+        expected = (batch, *self.layer_shapes[layer])
+        if array.shape != expected:
+            raise InvalidArgument(
+                f"shape {list(array.shape)} does not match layer {layer!r} output {list(expected)} "
+                f"([batch] + layer shape)",
+                field=field,
+                reason="SHAPE_MISMATCH",
+            )
+
+    def _check_loss(self, loss: Loss | None, batch: int) -> str:
+        """Validates the loss; returns the layer it is computed on."""
+        if loss is None:
+            raise InvalidArgument(
+                "no loss given: set one of sum_of_squares, squared_error, softmax_cross_entropy, "
+                "class_score, upstream_gradient",
+                field="loss",
+                reason="MISSING_LOSS",
+            )
+        field = _LOSS_FIELDS[type(loss)]
+        if isinstance(loss, SoftmaxCrossEntropy):
+            self._check_classes(loss.labels, batch, self.layer_shapes["fc8"][0], f"{field}.labels")
+            return "fc8"
+        layer = self._check_layer(loss.layer, f"{field}.layer")
+        if isinstance(loss, ClassScore):
+            width = self._check_vector_layer(layer, f"{field}.layer")
+            self._check_classes(loss.classes, batch, width, f"{field}.classes")
+        elif isinstance(loss, SquaredError):
+            if (loss.target is None) == (loss.target_classes is None):
+                raise InvalidArgument(
+                    "set exactly one of target and target_classes", field=f"{field}.target"
+                )
+            if loss.target is not None:
+                self._check_tensor_shape(loss.target, layer, batch, f"{field}.target")
+            else:
+                width = self._check_vector_layer(layer, f"{field}.layer")
+                self._check_classes(loss.target_classes, batch, width, f"{field}.target_classes")
+        elif isinstance(loss, UpstreamGradient):
+            self._check_tensor_shape(loss.gradient, layer, batch, f"{field}.gradient")
+        return layer
+
+    def plan(self, query: GradientQuery) -> Plan:
+        """Validates ``query`` and lists the tensors it returns; computes nothing."""
+        batch = self._check_batch(query.inputs)
+        loss_layer = self._check_loss(query.loss, batch)
+        if query.pattern is None:
+            raise InvalidArgument(
+                "no backward pattern given: BACKWARD, BACKWARD_RETAIN_GRAD or GRAD",
+                field="pattern",
+                reason="MISSING_PATTERN",
+            )
+        if query.output_dtype not in OUTPUT_DTYPES:
+            raise InvalidArgument("output_dtype must be FLOAT32 or FLOAT16", field="output_dtype")
+        loss_index = self._layer_index[loss_layer]
+        if query.all_layers:
+            layers = self.layer_names[: loss_index + 1]
+        else:
+            layers = tuple(dict.fromkeys(self._check_layer(n, "targets.layers") for n in query.layers))
+        for name in layers:
+            if self._layer_index[name] > loss_index:
+                raise InvalidArgument(
+                    f"layer {name!r} comes after the loss layer {loss_layer!r}: the loss does not depend "
+                    f"on it; ask for layers up to {loss_layer!r}",
+                    field="targets.layers",
+                    reason="LAYER_AFTER_LOSS",
+                )
+        if layers and query.pattern is Pattern.BACKWARD:
+            raise InvalidArgument(
+                "BACKWARD (loss.backward()) does not keep intermediate layers' gradients (Chainer "
+                "leaves their .grad None); use BACKWARD_RETAIN_GRAD or GRAD for layer gradients",
+                field="targets.layers",
+                reason="PATTERN_TARGET_CONFLICT",
+            )
+        if query.all_parameters:
+            parameters = self.parameter_names
+        else:
+            parameters = tuple(
+                dict.fromkeys(self._check_parameter(n, "targets.parameters") for n in query.parameters)
+            )
+        activations = tuple(dict.fromkeys(self._check_layer(n, "activation_layers") for n in query.activations))
+        activations = tuple(sorted(activations, key=self._layer_index.__getitem__))
+        if not (query.input or layers or parameters):
+            raise InvalidArgument(
+                "no gradient requested: set targets.input, targets.layers, targets.all_layers, "
+                "targets.parameters or targets.all_parameters",
+                field="targets",
+                reason="NO_TARGETS",
+            )
+        dtype = query.output_dtype
+        results: list[ResultSpec] = []
+        if query.input:
+            results.append(ResultSpec(INPUT_NAME, Kind.INPUT_GRADIENT, (batch, *INPUT_SHAPE), dtype))
+        results += [
+            ResultSpec(n, Kind.LAYER_GRADIENT, (batch, *self.layer_shapes[n]), dtype)
+            for n in sorted(layers, key=self._layer_index.__getitem__)
+        ]
+        results += [
+            ResultSpec(n, Kind.PARAMETER_GRADIENT, tuple(self._params[n].shape), dtype) for n in parameters
+        ]
+        results += [ResultSpec(n, Kind.ACTIVATION, (batch, *self.layer_shapes[n]), dtype) for n in activations]
+        return Plan(query, loss_layer, layers, parameters, tuple(results))
+
+    def check_predict(self, inputs: np.ndarray, layers: Sequence[str], output_dtype: np.dtype) -> tuple[str, ...]:
+        """Validates a Predict call; returns its layers in forward order."""
+        self._check_batch(inputs)
+        if output_dtype not in OUTPUT_DTYPES:
+            raise InvalidArgument("output_dtype must be FLOAT32 or FLOAT16", field="output_dtype")
+        names = dict.fromkeys(self._check_layer(n, "layers") for n in (layers or ["prob"]))
+        return tuple(sorted(names, key=self._layer_index.__getitem__))
+
+    # ---- compute ---------------------------------------------------------------
+
+    def predict(self, inputs: np.ndarray, layers: Sequence[str], output_dtype: np.dtype) -> list[ResultTensor]:
+        """Forward only, like ``VGG16Layers.extract``: the requested layers' outputs."""
+        names = self.check_predict(inputs, layers, output_dtype)
+        with self._lock, chainer.using_config("train", False), chainer.using_config("enable_backprop", False):
+            acts = self.net.forward(inputs, layers=list(names))
+        return [ResultTensor(n, Kind.ACTIVATION, acts[n].array.astype(output_dtype, copy=False)) for n in names]
+
+    def gradients(self, plan: Plan) -> GradientResult:
+        """Runs a planned query with the requested backward pattern."""
+        query = plan.query
+        with self._lock, chainer.using_config("train", False), chainer.using_config("enable_backprop", True):
+            x = chainer.Variable(query.inputs)
+            wanted = {plan.loss_layer, *plan.layers, *query.activations}
+            acts = self.net.forward(x, layers=sorted(wanted, key=self._layer_index.__getitem__))
+            root, root_grad, loss_value = self._objective(query.loss, acts[plan.loss_layer])
+            if query.pattern is Pattern.GRAD:
+                grads = self._run_grad(plan, x, acts, root, root_grad)
+            else:
+                grads = self._run_backward(plan, x, acts, root, root_grad)
+        tensors = []
+        for spec in plan.results:
+            if spec.kind is Kind.ACTIVATION:
+                array = acts[spec.name].array
+            else:
+                array = grads[spec.name]
+            tensors.append(ResultTensor(spec.name, spec.kind, array.astype(spec.dtype, copy=False)))
+        return GradientResult(tensors, loss_value)
+
+    @staticmethod
+    def _objective(
+        loss: Loss, y: chainer.Variable
+    ) -> tuple[chainer.Variable, np.ndarray | None, float | None]:
+        """(variable to backpropagate from, its upstream gradient or None, loss value)."""
+        if isinstance(loss, UpstreamGradient):
+            return y, loss.gradient, None
+        if isinstance(loss, SumOfSquares):
+            value = F.sum(F.square(y))
+        elif isinstance(loss, SquaredError):
+            if loss.target is not None:
+                target = loss.target
+            else:
+                target = np.zeros(y.shape, dtype=y.dtype)
+                target[np.arange(y.shape[0]), loss.target_classes] = 1
+            value = F.sum(F.square(y - target))
+        elif isinstance(loss, SoftmaxCrossEntropy):
+            value = F.softmax_cross_entropy(y, loss.labels.astype(np.int32))
+        else:
+            value = F.sum(F.select_item(y, loss.classes.astype(np.int32)))
+        return value, None, float(value.array)
+
+    def _run_backward(
+        self,
+        plan: Plan,
+        x: chainer.Variable,
+        acts: dict[str, chainer.Variable],
+        root: chainer.Variable,
+        root_grad: np.ndarray | None,
+    ) -> dict[str, np.ndarray]:
+        """Patterns 1 and 2: ``loss.backward()`` / ``loss.backward(retain_grad=True)`` and read ``.grad``."""
+        retain = plan.query.pattern is Pattern.BACKWARD_RETAIN_GRAD
+        self.net.cleargrads()
+        try:
+            if root_grad is not None:
+                root.grad = root_grad
+            root.backward(retain_grad=retain)
+            grads = {INPUT_NAME: x.grad}
+            grads.update({name: acts[name].grad for name in plan.layers})
+            grads.update({name: self._param_grad(name) for name in plan.parameters})
+        finally:
+            # The arrays are ours now; the next request starts from cleared grads.
+            self.net.cleargrads()
+        return grads
+
+    def _param_grad(self, name: str) -> np.ndarray:
+        param = self._params[name]
+        return param.grad if param.grad is not None else np.zeros_like(param.array)
+
+    def _run_grad(
+        self,
+        plan: Plan,
+        x: chainer.Variable,
+        acts: dict[str, chainer.Variable],
+        root: chainer.Variable,
+        root_grad: np.ndarray | None,
+    ) -> dict[str, np.ndarray]:
+        """Pattern 3: ``chainer.grad([loss], [targets])``; parameters' ``.grad`` is untouched."""
+        names = ([INPUT_NAME] if plan.query.input else []) + list(plan.layers) + list(plan.parameters)
+        variables = [x] if plan.query.input else []
+        variables += [acts[n] for n in plan.layers] + [self._params[n] for n in plan.parameters]
+        grad_outputs = None if root_grad is None else [chainer.Variable(root_grad)]
+        results = chainer.grad([root], variables, grad_outputs=grad_outputs)
+        grads = {}
+        for name, variable, grad in zip(names, variables, results, strict=True):
+            if grad is not None:
+                grads[name] = grad.array
+            elif variable is root and root_grad is not None:
+                grads[name] = root_grad  # d root / d root applied to the upstream gradient
+            else:
+                grads[name] = np.zeros_like(variable.array)
+        return grads
+
+
+def _param_order_key(item: tuple[str, chainer.Parameter]) -> tuple[int, int]:
+    """Model order: links in forward order, W before b."""
+    name = item[0].lstrip("/")
+    link, _, attr = name.partition("/")
+    order = [n for n, _ in _CONV_CHANNELS] + ["fc6", "fc7", "fc8"]
+    return order.index(link), 0 if attr == "W" else 1

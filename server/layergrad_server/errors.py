@@ -1,0 +1,49 @@
+"""Domain errors of the server.
+
+Every error a caller can cause is a ``LayergradError`` subclass carrying the
+gRPC status it maps to (by name, so this module needs no grpc), a stable
+machine-readable ``reason`` and, where one request field is at fault, that
+field's path (``loss.class_score.classes``). ``interceptors.py`` turns them into
+gRPC statuses with google.rpc details; anything else becomes INTERNAL.
+"""
+
+from __future__ import annotations
+
+
+class LayergradError(Exception):
+    """Base class; ``status`` is the gRPC status code name."""
+
+    status = "INTERNAL"
+    default_reason = "INTERNAL"
+
+    def __init__(self, message: str, *, field: str | None = None, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.reason = reason or self.default_reason
+
+
+class InvalidArgument(LayergradError):
+    """The request is malformed or names something that does not exist."""
+
+    status = "INVALID_ARGUMENT"
+    default_reason = "INVALID_ARGUMENT"
+
+
+class ResultTooLarge(LayergradError):
+    """The result exceeds the unary response cap; the stream must be used."""
+
+    status = "RESOURCE_EXHAUSTED"
+    default_reason = "RESULT_TOO_LARGE"
+
+
+class Unavailable(LayergradError):
+    """The server cannot take the call now (starting up or shutting down)."""
+
+    status = "UNAVAILABLE"
+    default_reason = "UNAVAILABLE"
+
+
+def names_hint(kind: str, valid: list[str] | tuple[str, ...]) -> str:
+    """A sentence listing the valid names of ``kind``."""
+    return f"valid {kind}: {', '.join(valid)}"

@@ -1,0 +1,109 @@
+"""The GradientService RPCs: validate -> convert -> engine -> convert back."""
+
+from __future__ import annotations
+
+import logging
+import platform
+from collections.abc import Iterator
+
+import chainer
+import grpc
+import numpy as np
+
+from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
+from layergrad._gen.layergrad.v1 import gradient_service_pb2_grpc as pb_grpc
+from layergrad_server import __version__, convert, engine
+from layergrad_server.config import ServerConfig
+from layergrad_server.errors import ResultTooLarge, Unavailable
+
+logger = logging.getLogger(__name__)
+
+
+class GradientServicer(pb_grpc.GradientServiceServicer):
+    """Serves one ``Engine``."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self._config = config
+        self._engine: engine.Engine | None = None
+        self._model_info: pb.GetModelInfoResponse | None = None
+
+    def attach(self, model: engine.Engine) -> None:
+        """Starts serving ``model``; until then every call is UNAVAILABLE."""
+        self._model_info = self._describe(model)
+        self._engine = model
+
+    @property
+    def _model(self) -> engine.Engine:
+        if self._engine is None:
+            raise Unavailable("the model is still loading; retry shortly", reason="MODEL_LOADING")
+        return self._engine
+
+    def ComputeGradients(  # noqa: N802
+        self, request: pb.ComputeGradientsRequest, context: grpc.ServicerContext
+    ) -> pb.ComputeGradientsResponse:
+        plan = self._plan(request)
+        if plan.result_bytes > self._config.max_unary_response_bytes:
+            raise ResultTooLarge(
+                f"the result is {plan.result_bytes} bytes, above the unary limit of "
+                f"{self._config.max_unary_response_bytes} bytes; use StreamGradients, which streams any size",
+                reason="USE_STREAM_GRADIENTS",
+            )
+        return convert.gradients_response(self._model.gradients(plan))
+
+    def StreamGradients(  # noqa: N802
+        self, request: pb.StreamGradientsRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.StreamGradientsResponse]:
+        result = self._model.gradients(self._plan(request))
+        yield from convert.gradient_chunks(result, self._config.stream_chunk_bytes)
+
+    def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:  # noqa: N802
+        batch = convert.inputs_to_batch(request.inputs, self._config.image_limits, self._config.max_batch_size)
+        dtype = convert.output_dtype(request.output_dtype)
+        return convert.predict_response(self._model.predict(batch, tuple(request.layers), dtype))
+
+    def GetModelInfo(  # noqa: N802
+        self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext
+    ) -> pb.GetModelInfoResponse:
+        if self._model_info is None:
+            raise Unavailable("the model is still loading; retry shortly", reason="MODEL_LOADING")
+        return self._model_info
+
+    def _plan(self, request: pb.ComputeGradientsRequest | pb.StreamGradientsRequest) -> engine.Plan:
+        query = convert.query_from_proto(request, self._config.image_limits, self._config.max_batch_size)
+        return self._model.plan(query)
+
+    def _describe(self, model: engine.Engine) -> pb.GetModelInfoResponse:
+        weights = model.weights
+        return pb.GetModelInfoResponse(
+            model_name=engine.MODEL_NAME,
+            input_spec=pb.InputSpec(
+                shape=engine.INPUT_SHAPE,
+                dtype=pb.DATA_TYPE_FLOAT32,
+                layout="CHW",
+                channel_order="BGR",
+                mean=engine.MEAN_BGR,
+                image_formats=self._config.image_limits.formats,
+            ),
+            layers=[pb.LayerInfo(name=name, output_shape=shape) for name, shape in model.layer_info()],
+            parameters=[
+                pb.ParameterInfo(name=name, shape=shape, dtype=convert.dtype_enum(dtype))
+                for name, shape, dtype in model.parameter_info()
+            ],
+            weights=pb.WeightsInfo(
+                source=weights.source,
+                pretrained=weights.pretrained,
+                file_sha256=weights.file_sha256,
+                parameters_sha256=model.parameters_sha256,
+            ),
+            versions={
+                "layergrad": __version__,
+                "chainer": chainer.__version__,
+                "numpy": np.__version__,
+                "grpcio": grpc.__version__,
+                "python": platform.python_version(),
+            },
+            device="@numpy",
+            max_unary_response_bytes=self._config.max_unary_response_bytes,
+            stream_chunk_bytes=self._config.stream_chunk_bytes,
+            max_batch_size=self._config.max_batch_size,
+        )
