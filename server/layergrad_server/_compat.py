@@ -1,9 +1,11 @@
 """Makes Chainer 7.8.1 importable on numpy 2.
 
 Chainer reads ``numpy.sctypes`` (removed in numpy 2.0) at import time and
-imports ``numpy.distutils.system_info`` (gone on Python 3.12+). ``apply()``
-restores both before Chainer is imported; every server module that imports
-Chainer calls it first. It changes nothing on a numpy that still has them.
+imports ``numpy.distutils.system_info`` (gone on Python 3.12+; where it still
+exists, importing it sets the root logger's level to WARNING as a side effect).
+``apply()`` restores ``sctypes`` and installs a small stand-in for
+``numpy.distutils.system_info``, whose only use in Chainer is a BLAS check on
+macOS. Importing this module applies it; import it before Chainer.
 """
 
 from __future__ import annotations
@@ -23,21 +25,11 @@ _SCTYPES = {
 }
 
 
-def _has_numpy_distutils() -> bool:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import numpy.distutils.system_info  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def apply() -> None:
     """Restores what Chainer needs from numpy; idempotent."""
     if not hasattr(numpy, "sctypes"):
         numpy.sctypes = {key: list(value) for key, value in _SCTYPES.items()}
-    if "numpy.distutils.system_info" not in sys.modules and not _has_numpy_distutils():
+    if "numpy.distutils.system_info" not in sys.modules:
         distutils = types.ModuleType("numpy.distutils")
         system_info = types.ModuleType("numpy.distutils.system_info")
         # Chainer asks only for BLAS info on macOS; an empty dict means "unknown".
@@ -45,6 +37,7 @@ def apply() -> None:
         distutils.system_info = system_info
         sys.modules["numpy.distutils"] = distutils
         sys.modules["numpy.distutils.system_info"] = system_info
+        numpy.distutils = distutils
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
 
 

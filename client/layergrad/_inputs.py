@@ -1,0 +1,135 @@
+"""Conversion of what users pass as images into ``layergrad.v1.Input`` messages.
+
+Accepted, alone or in a list or tuple:
+
+* ``str`` or ``os.PathLike``: the path of a JPEG or PNG file, sent as encoded bytes;
+* ``bytes``, ``bytearray`` or ``memoryview``: an encoded JPEG or PNG image;
+* a ``PIL.Image.Image``: sent losslessly as PNG (Pillow is optional and imported lazily);
+* a ``uint8`` array of shape ``(H, W, 3)``: a raw RGB image, prepared by the server;
+* a ``float32`` (or ``float64``, cast) array of shape ``(3, 224, 224)``: an already
+  prepared image (BGR, mean subtracted, CHW), used as is.
+
+A 4-D array is a batch: ``(N, 3, 224, 224)`` float gives N prepared inputs and
+``(N, H, W, 3)`` uint8 gives N raw RGB images. Anything else raises TypeError or
+ValueError before any RPC is made.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import numpy as np
+
+from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
+from layergrad._tensors import to_tensor
+
+if TYPE_CHECKING:
+    from PIL import Image as PILImage
+
+    ImageItem: TypeAlias = (
+        str | os.PathLike[str] | bytes | bytearray | memoryview | np.ndarray | PILImage.Image
+    )
+else:
+    ImageItem: TypeAlias = Any
+
+#: One image, or a batch: a list/tuple of images or a 4-D array.
+Images: TypeAlias = ImageItem | Sequence[ImageItem]
+
+PREPARED_SHAPE = (3, 224, 224)
+_ACCEPTED = (
+    "a file path, encoded image bytes, a PIL image, a uint8 HxWx3 RGB array, "
+    "a float32 3x224x224 prepared array, a list or tuple of these, or a 4-D array batch"
+)
+
+
+def to_inputs(images: Images) -> list[pb.Input]:
+    """The ``Input`` messages for one image or a batch; raises TypeError/ValueError if unusable."""
+    items = list(images) if isinstance(images, list | tuple) else [images]
+    if not items:
+        raise ValueError("images is empty: pass at least one image")
+    inputs: list[pb.Input] = []
+    for index, item in enumerate(items):
+        if isinstance(item, list | tuple):
+            raise TypeError(f"images[{index}] is a {type(item).__name__}: nested lists are not accepted")
+        inputs.extend(_convert(item, f"images[{index}]" if len(items) > 1 else "image"))
+    return inputs
+
+
+def _convert(item: object, where: str) -> list[pb.Input]:
+    if isinstance(item, np.ndarray):
+        return _from_array(item, where)
+    if isinstance(item, bytes | bytearray | memoryview):
+        return [_from_encoded(bytes(item), where)]
+    if isinstance(item, str | os.PathLike):
+        return [_from_path(item, where)]
+    if _is_pil_image(item):
+        return [pb.Input(encoded_image=_png_bytes(item))]
+    raise TypeError(f"{where}: unsupported type {type(item).__name__}; expected {_ACCEPTED}")
+
+
+def _from_array(array: np.ndarray, where: str) -> list[pb.Input]:
+    if array.ndim == 4:
+        if array.shape[0] == 0:
+            raise ValueError(f"{where}: the batch array has no images (shape {array.shape})")
+        return [_from_image_array(array[i], f"{where}[{i}]") for i in range(array.shape[0])]
+    if array.ndim == 3:
+        return [_from_image_array(array, where)]
+    raise ValueError(f"{where}: array of shape {array.shape} is neither one image (3-D) nor a batch (4-D)")
+
+
+def _from_image_array(array: np.ndarray, where: str) -> pb.Input:
+    if array.dtype == np.uint8:
+        return pb.Input(rgb_image=to_tensor(_checked_rgb(array, where)))
+    if array.dtype in (np.float32, np.float64):
+        return pb.Input(prepared=to_tensor(_checked_prepared(array, where)))
+    raise ValueError(
+        f"{where}: arrays must be uint8 (raw RGB, HxWx3) or float32/float64 (prepared, 3x224x224), "
+        f"not {array.dtype}"
+    )
+
+
+def _checked_rgb(array: np.ndarray, where: str) -> np.ndarray:
+    height, width, channels = array.shape
+    if channels != 3 or height == 0 or width == 0:
+        raise ValueError(
+            f"{where}: a uint8 image must have shape (H, W, 3) with RGB channels, not {array.shape}"
+        )
+    return array
+
+
+def _checked_prepared(array: np.ndarray, where: str) -> np.ndarray:
+    if array.shape != PREPARED_SHAPE:
+        raise ValueError(
+            f"{where}: a float image must be prepared, shape (3, 224, 224) BGR with the mean subtracted, "
+            f"not {array.shape}; pass raw pixels as a uint8 (H, W, 3) RGB array"
+        )
+    return array.astype(np.float32, copy=False)
+
+
+def _from_encoded(data: bytes, where: str) -> pb.Input:
+    if not data:
+        raise ValueError(f"{where}: encoded image bytes are empty")
+    return pb.Input(encoded_image=data)
+
+
+def _from_path(path: str | os.PathLike[str], where: str) -> pb.Input:
+    with open(path, "rb") as handle:
+        data = handle.read()
+    return _from_encoded(data, f"{where} ({os.fspath(path)})")
+
+
+def _is_pil_image(item: object) -> bool:
+    module = sys.modules.get("PIL.Image")  # PIL images exist only if Pillow is already imported
+    return module is not None and isinstance(item, module.Image)
+
+
+def _png_bytes(image: PILImage.Image) -> bytes:
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

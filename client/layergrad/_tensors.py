@@ -1,0 +1,215 @@
+"""Conversion between numpy arrays and ``layergrad.v1.Tensor``, and stream reassembly.
+
+A wire tensor holds its elements flattened in row-major order, little-endian,
+with no padding. :func:`to_tensor` writes that layout with a validated
+``tobytes()``; :func:`from_tensor` reads it back with ``np.frombuffer``.
+:class:`_ChunkAssembler` rebuilds the tensors of a StreamGradients response
+by copying each chunk straight into a preallocated array.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
+from layergrad.errors import DataLoss
+
+_WIRE_DTYPES: dict[int, np.dtype[Any]] = {
+    pb.DATA_TYPE_FLOAT32: np.dtype("<f4"),
+    pb.DATA_TYPE_FLOAT16: np.dtype("<f2"),
+    pb.DATA_TYPE_FLOAT64: np.dtype("<f8"),
+    pb.DATA_TYPE_UINT8: np.dtype("u1"),
+    pb.DATA_TYPE_INT32: np.dtype("<i4"),
+    pb.DATA_TYPE_INT64: np.dtype("<i8"),
+}
+_ENUM_BY_KIND: dict[tuple[str, int], int] = {
+    (dt.kind, dt.itemsize): enum for enum, dt in _WIRE_DTYPES.items()
+}
+
+
+def numpy_dtype(wire_dtype: int) -> np.dtype[Any]:
+    """The little-endian numpy dtype of a ``DataType`` value; ValueError if unsupported."""
+    try:
+        return _WIRE_DTYPES[wire_dtype]
+    except KeyError:
+        raise ValueError(f"unsupported tensor dtype {_enum_name(wire_dtype)}") from None
+
+
+def wire_dtype(dtype: npt.DTypeLike) -> int:
+    """The ``DataType`` value of a numpy dtype (any byte order); ValueError if unsupported."""
+    dt = np.dtype(dtype)
+    try:
+        return _ENUM_BY_KIND[(dt.kind, dt.itemsize)]
+    except KeyError:
+        supported = ", ".join(d.name for d in _WIRE_DTYPES.values())
+        raise ValueError(f"unsupported dtype {dt.name}; supported: {supported}") from None
+
+
+def dtype_name(wire_dtype_value: int) -> str:
+    """The numpy name ("float32", ...) of a ``DataType`` value, or its enum name if unsupported."""
+    dt = _WIRE_DTYPES.get(wire_dtype_value)
+    return dt.name if dt is not None else _enum_name(wire_dtype_value).removeprefix("DATA_TYPE_").lower()
+
+
+def to_tensor(array: npt.ArrayLike) -> pb.Tensor:
+    """A wire tensor holding ``array``'s elements in row-major little-endian order."""
+    arr = np.asarray(array)
+    enum = wire_dtype(arr.dtype)
+    little = np.ascontiguousarray(arr, dtype=_WIRE_DTYPES[enum])
+    data = little.tobytes(order="C")
+    if len(data) != little.size * little.itemsize:
+        raise ValueError(f"array of shape {arr.shape} serialized to {len(data)} bytes")
+    return pb.Tensor(dtype=enum, shape=arr.shape, data=data)
+
+
+def from_tensor(tensor: pb.Tensor, *, copy: bool = True) -> np.ndarray:
+    """The numpy array a wire tensor holds; raises DataLoss if its size disagrees with its shape.
+
+    With ``copy=False`` the array is a read-only view of the message's bytes.
+    """
+    dt = _checked_dtype(tensor.dtype, "tensor")
+    shape = _checked_shape(tensor.shape, "tensor")
+    expected = _nbytes(shape, dt)
+    if len(tensor.data) != expected:
+        raise DataLoss(
+            f"tensor of shape {list(shape)} {dt.name} needs {expected} bytes, got {len(tensor.data)}"
+        )
+    arr = np.frombuffer(tensor.data, dtype=dt).reshape(shape)
+    return arr.copy() if copy else arr
+
+
+def _checked_dtype(wire_dtype_value: int, name: str) -> np.dtype[Any]:
+    try:
+        return numpy_dtype(wire_dtype_value)
+    except ValueError as exc:
+        raise DataLoss(f"{name}: {exc}") from None
+
+
+def _checked_shape(dims: Iterable[int], name: str) -> tuple[int, ...]:
+    shape = tuple(int(d) for d in dims)
+    if any(d < 0 for d in shape):
+        raise DataLoss(f"{name}: negative dimension in shape {list(shape)}")
+    return shape
+
+
+def _nbytes(shape: tuple[int, ...], dt: np.dtype[Any]) -> int:
+    return math.prod(shape) * dt.itemsize
+
+
+def _enum_name(value: int) -> str:
+    try:
+        return pb.DataType.Name(value)
+    except ValueError:
+        return f"DataType({value})"
+
+
+@dataclass
+class _Pending:
+    """A tensor being filled from stream chunks."""
+
+    name: str
+    kind: int
+    array: np.ndarray
+    flat: np.ndarray  # uint8 view of array's bytes
+    received: int = 0
+    chunks: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return self.received == self.flat.size
+
+
+@dataclass
+class AssembledTensor:
+    """One tensor rebuilt from a stream."""
+
+    name: str
+    kind: int
+    array: np.ndarray
+
+
+class _ChunkAssembler:
+    """Rebuilds StreamGradients tensors from their chunks without joining byte strings.
+
+    Feed every ``StreamGradientsResponse`` to :meth:`add`, then call :meth:`finish`.
+    A tensor's first chunk allocates ``np.empty(shape, dtype)``; each chunk is then
+    copied into that array's bytes at its offset. Chunks out of order, gaps,
+    overlaps, overruns, a tensor cut short, a repeated tensor or a shape/dtype
+    that changes mid-tensor raise :class:`~layergrad.errors.DataLoss`.
+    """
+
+    def __init__(self) -> None:
+        self.tensors: list[AssembledTensor] = []
+        self.loss: float | None = None
+        self._current: _Pending | None = None
+        self._seen: set[tuple[int, str]] = set()
+        self._messages = 0
+
+    def add(self, chunk: pb.StreamGradientsResponse) -> None:
+        """Copies one stream message's bytes into its tensor."""
+        if self._messages == 0 and chunk.HasField("loss"):
+            self.loss = chunk.loss
+        self._messages += 1
+        if self._current is None or (self._current.kind, self._current.name) != (chunk.kind, chunk.name):
+            self._close_current()
+            self._current = self._open(chunk)
+        self._write(self._current, chunk)
+
+    def finish(self) -> list[AssembledTensor]:
+        """The completed tensors, in stream order; raises DataLoss if the last is incomplete."""
+        self._close_current()
+        if not self.tensors:
+            raise DataLoss("gradient stream ended without any tensor")
+        return self.tensors
+
+    def _open(self, chunk: pb.StreamGradientsResponse) -> _Pending:
+        key = (chunk.kind, chunk.name)
+        if key in self._seen:
+            raise DataLoss(f"tensor {chunk.name!r} was sent twice in the stream")
+        self._seen.add(key)
+        dt = _checked_dtype(chunk.dtype, f"tensor {chunk.name!r}")
+        shape = _checked_shape(chunk.shape, f"tensor {chunk.name!r}")
+        array = np.empty(shape, dtype=dt)
+        return _Pending(chunk.name, chunk.kind, array, array.reshape(-1).view(np.uint8))
+
+    def _write(self, pending: _Pending, chunk: pb.StreamGradientsResponse) -> None:
+        _check_same_layout(pending, chunk)
+        size = len(chunk.data)
+        _check_offset(pending, chunk.offset, size)
+        end = chunk.offset + size
+        pending.flat[chunk.offset : end] = np.frombuffer(chunk.data, dtype=np.uint8)
+        pending.received = end
+        pending.chunks += 1
+
+    def _close_current(self) -> None:
+        pending, self._current = self._current, None
+        if pending is None:
+            return
+        if not pending.complete:
+            raise DataLoss(
+                f"tensor {pending.name!r} is incomplete: got {pending.received} of {pending.flat.size} bytes"
+            )
+        self.tensors.append(AssembledTensor(pending.name, pending.kind, pending.array))
+
+
+def _check_same_layout(pending: _Pending, chunk: pb.StreamGradientsResponse) -> None:
+    if tuple(chunk.shape) != pending.array.shape or _WIRE_DTYPES.get(chunk.dtype) != pending.array.dtype:
+        raise DataLoss(f"tensor {pending.name!r} changed shape or dtype between chunks")
+
+
+def _check_offset(pending: _Pending, offset: int, size: int) -> None:
+    name, received, total = pending.name, pending.received, pending.flat.size
+    if pending.chunks > 0 and received == total:
+        raise DataLoss(f"tensor {name!r}: chunk at offset {offset} after the tensor was complete")
+    if offset > received:
+        raise DataLoss(f"tensor {name!r}: gap, chunk at offset {offset} but {received} bytes received")
+    if offset < received:
+        raise DataLoss(f"tensor {name!r}: overlap, chunk at offset {offset} but {received} bytes received")
+    if offset + size > total:
+        raise DataLoss(f"tensor {name!r}: chunk [{offset}, {offset + size}) overruns its {total} bytes")

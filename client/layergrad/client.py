@@ -1,0 +1,545 @@
+"""The layergrad client: numpy in, numpy out, over a gRPC channel.
+
+::
+
+    import layergrad
+    from layergrad.losses import ClassScore
+
+    with layergrad.Client("127.0.0.1:50051") as client:
+        saliency = client.input_gradient("cat.jpg", ClassScore("fc8", classes=[281]))
+
+Gradient calls use the StreamGradients RPC, so results of any size (all 138M
+parameter gradients are about 553 MB) arrive in chunks that are copied straight
+into preallocated arrays. Every failure raises a :class:`layergrad.errors.LayergradError`
+subclass chosen by gRPC status code.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Literal, Self, TypeAlias
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+
+from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
+from layergrad._gen.layergrad.v1 import gradient_service_pb2_grpc as pb_grpc
+from layergrad._inputs import Images, to_inputs
+from layergrad._tensors import AssembledTensor, _ChunkAssembler, dtype_name, from_tensor
+from layergrad.errors import ClientClosedError, DataLoss, from_grpc_error
+from layergrad.losses import Loss
+
+__all__ = [
+    "Client",
+    "GradientResult",
+    "InputSpec",
+    "LayerInfo",
+    "ModelInfo",
+    "ParameterInfo",
+    "Pattern",
+    "WeightsInfo",
+]
+
+logger = logging.getLogger(__name__)
+
+_VERSION = "0.1.0"
+_MAX_MESSAGE_BYTES = 1 << 30
+DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+    # A ping every 5 minutes while a call is open: the gRPC server default minimum
+    # interval, so servers with default settings never answer "too many pings".
+    ("grpc.keepalive_time_ms", 300_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 0),
+    ("grpc.primary_user_agent", f"layergrad-python/{_VERSION}"),
+)
+
+Names: TypeAlias = str | Sequence[str]
+"""Layer or parameter names: one name, a list of names, or "all" where allowed."""
+OutputDType: TypeAlias = Literal["float32", "float16"] | npt.DTypeLike
+
+
+class Pattern(enum.StrEnum):
+    """How the server runs the backward pass; each value is one Chainer idiom."""
+
+    BACKWARD = "backward"
+    """``loss.backward()``: parameter and input gradients; no intermediate layers."""
+    BACKWARD_RETAIN_GRAD = "backward_retain_grad"
+    """``loss.backward(retain_grad=True)``: every gradient is kept."""
+    GRAD = "grad"
+    """``chainer.grad([loss], targets)``: only the requested gradients are computed."""
+
+
+_PATTERN_TO_PROTO = {
+    Pattern.BACKWARD: pb.BACKWARD_PATTERN_BACKWARD,
+    Pattern.BACKWARD_RETAIN_GRAD: pb.BACKWARD_PATTERN_BACKWARD_RETAIN_GRAD,
+    Pattern.GRAD: pb.BACKWARD_PATTERN_GRAD,
+}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The format of a prepared input."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    layout: str
+    channel_order: str
+    mean: tuple[float, ...]
+    image_formats: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A layer and the shape of its output for one input (no batch dimension)."""
+
+    name: str
+    output_shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ParameterInfo:
+    """A learnable parameter, named ``"<link>/<W|b>"``."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def size(self) -> int:
+        """Number of elements."""
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """Where the served weights come from, with their digests (lowercase hex SHA-256)."""
+
+    source: str
+    pretrained: bool
+    file_sha256: str
+    parameters_sha256: str
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The served model: input format, layers, parameters, weights and server limits."""
+
+    model_name: str
+    input_spec: InputSpec
+    layers: tuple[LayerInfo, ...]
+    parameters: tuple[ParameterInfo, ...]
+    weights: WeightsInfo
+    versions: dict[str, str]
+    device: str
+    max_unary_response_bytes: int
+    stream_chunk_bytes: int
+    max_batch_size: int
+
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        """Layer names in forward order."""
+        return tuple(layer.name for layer in self.layers)
+
+    @property
+    def parameter_names(self) -> tuple[str, ...]:
+        """Parameter names in model order."""
+        return tuple(param.name for param in self.parameters)
+
+    @property
+    def num_parameters(self) -> int:
+        """Total number of parameter elements."""
+        return sum(param.size for param in self.parameters)
+
+    @property
+    def parameter_nbytes(self) -> int:
+        """Total size of the parameters in bytes."""
+        return sum(param.size * np.dtype(param.dtype).itemsize for param in self.parameters)
+
+
+@dataclass(frozen=True)
+class GradientResult:
+    """The tensors a gradient call returned.
+
+    Attributes:
+        input: gradient with respect to the prepared input, ``[batch, 3, 224, 224]``, or None.
+        layers: gradients with respect to layer outputs, by layer name, in forward order.
+        parameters: gradients with respect to parameters (summed over the batch), by name.
+        activations: forward outputs of the requested layers, by layer name.
+        loss: the loss value, or None for an UpstreamGradient loss.
+    """
+
+    input: np.ndarray | None = None
+    layers: dict[str, np.ndarray] = field(default_factory=dict)
+    parameters: dict[str, np.ndarray] = field(default_factory=dict)
+    activations: dict[str, np.ndarray] = field(default_factory=dict)
+    loss: float | None = None
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        """Every tensor under one flat key, for ``np.savez``.
+
+        Keys: ``"input"``, ``"layer/<name>"``, ``"param/<name>"``, ``"activation/<name>"``.
+        """
+        flat: dict[str, np.ndarray] = {}
+        if self.input is not None:
+            flat["input"] = self.input
+        flat.update({f"layer/{name}": array for name, array in self.layers.items()})
+        flat.update({f"param/{name}": array for name, array in self.parameters.items()})
+        flat.update({f"activation/{name}": array for name, array in self.activations.items()})
+        return flat
+
+
+class Client:
+    """A connection to a layergrad server.
+
+    Args:
+        target: the server address, for example ``"127.0.0.1:50051"``.
+        timeout: deadline of each call in seconds, unless a call passes its own;
+            None means no deadline.
+        credentials: channel credentials for TLS; None opens an insecure channel.
+        options: extra gRPC channel options, ``(name, value)`` pairs or a mapping;
+            they override :data:`DEFAULT_CHANNEL_OPTIONS` of the same name.
+
+    Use it as a context manager, or call :meth:`close`. A closed client raises
+    :class:`~layergrad.errors.ClientClosedError` and cannot be reopened.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = 60.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any]] | Mapping[str, Any] | None = None,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        channel_options = _merge_options(DEFAULT_CHANNEL_OPTIONS, options)
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=channel_options)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=channel_options)
+        self._stub = pb_grpc.GradientServiceStub(self._channel)
+        self._closed = False
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<layergrad.Client target={self.target!r} {state}>"
+
+    def __enter__(self) -> Self:
+        self._check_open()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    def close(self) -> None:
+        """Closes the channel, cancelling calls in flight. Calling it again does nothing."""
+        if not self._closed:
+            self._closed = True
+            self._channel.close()
+
+    def model_info(self, *, timeout: float | None = None) -> ModelInfo:
+        """Describes the served model: input format, layers, parameters, weights, limits."""
+        with self._rpc():
+            response = self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self._timeout(timeout))
+        return _model_info(response)
+
+    def predict(
+        self,
+        images: Images,
+        layers: Names = ("prob",),
+        *,
+        dtype: OutputDType = "float32",
+        timeout: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Runs the forward pass and returns the outputs of ``layers``, each ``[batch] + layer shape``."""
+        request = pb.PredictRequest(
+            inputs=to_inputs(images), layers=_names(layers, "layers"), output_dtype=_output_dtype(dtype)
+        )
+        with self._rpc():
+            response = self._stub.Predict(request, timeout=self._timeout(timeout))
+        return {named.name: from_tensor(named.tensor) for named in response.activations}
+
+    def gradients(
+        self,
+        images: Images,
+        loss: Loss,
+        *,
+        pattern: Pattern | str = Pattern.GRAD,
+        parameters: Names | None = None,
+        layers: Names | None = None,
+        input: bool = False,
+        activations: Names = (),
+        dtype: OutputDType = "float32",
+        timeout: float | None = None,
+    ) -> GradientResult:
+        """Computes the requested gradients of ``loss``, streamed so any size works.
+
+        Args:
+            images: one image or a batch (see :mod:`layergrad._inputs` for the accepted kinds).
+            loss: the objective, one of :mod:`layergrad.losses`.
+            pattern: how backward runs: "grad", "backward" or "backward_retain_grad".
+            parameters: parameter names (``"fc8/W"``) or ``"all"``.
+            layers: layer names (``"conv5_3"``) or ``"all"`` (every layer up to the loss layer).
+                Not allowed with pattern "backward".
+            input: whether to return the gradient with respect to the prepared input.
+            activations: layers whose forward outputs to return too.
+            dtype: element type of the returned tensors, "float32" or "float16".
+            timeout: deadline of the whole call in seconds; None uses the client's timeout.
+        """
+        request = _gradients_request(
+            pb.StreamGradientsRequest, images, loss, pattern, parameters, layers, input, activations, dtype
+        )
+        assembler = _ChunkAssembler()
+        with self._rpc():
+            stream = self._stub.StreamGradients(request, timeout=self._timeout(timeout))
+            try:
+                for chunk in stream:
+                    assembler.add(chunk)
+            finally:
+                stream.cancel()  # no-op once the stream has ended; frees it on a local error
+        return _gradient_result(assembler.finish(), assembler.loss)
+
+    def compute_gradients_unary(
+        self,
+        images: Images,
+        loss: Loss,
+        *,
+        pattern: Pattern | str = Pattern.GRAD,
+        parameters: Names | None = None,
+        layers: Names | None = None,
+        input: bool = False,
+        activations: Names = (),
+        dtype: OutputDType = "float32",
+        timeout: float | None = None,
+    ) -> GradientResult:
+        """Same as :meth:`gradients` through the unary ComputeGradients RPC.
+
+        The server refuses with ResourceExhausted a result above
+        ``ModelInfo.max_unary_response_bytes``; use :meth:`gradients` for those.
+        """
+        request = _gradients_request(
+            pb.ComputeGradientsRequest, images, loss, pattern, parameters, layers, input, activations, dtype
+        )
+        with self._rpc():
+            response = self._stub.ComputeGradients(request, timeout=self._timeout(timeout))
+        tensors = [
+            AssembledTensor(named.name, named.kind, from_tensor(named.tensor))
+            for named in [*response.gradients, *response.activations]
+        ]
+        return _gradient_result(tensors, response.loss if response.HasField("loss") else None)
+
+    def input_gradient(
+        self, images: Images, loss: Loss, *, dtype: OutputDType = "float32", timeout: float | None = None
+    ) -> np.ndarray:
+        """The gradient of ``loss`` with respect to the prepared input, ``[batch, 3, 224, 224]``."""
+        result = self.gradients(images, loss, pattern=Pattern.GRAD, input=True, dtype=dtype, timeout=timeout)
+        if result.input is None:
+            raise _missing("input gradient")
+        return result.input
+
+    def parameter_gradients(
+        self,
+        images: Images,
+        loss: Loss,
+        parameters: Names = "all",
+        *,
+        dtype: OutputDType = "float32",
+        timeout: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Gradients of ``loss`` with respect to parameters (``loss.backward()``), by name."""
+        result = self.gradients(
+            images, loss, pattern=Pattern.BACKWARD, parameters=parameters, dtype=dtype, timeout=timeout
+        )
+        return result.parameters
+
+    def layer_gradients(
+        self,
+        images: Images,
+        loss: Loss,
+        layers: Names,
+        *,
+        dtype: OutputDType = "float32",
+        timeout: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Gradients of ``loss`` with respect to layer outputs (``chainer.grad``), by layer name."""
+        result = self.gradients(
+            images, loss, pattern=Pattern.GRAD, layers=layers, dtype=dtype, timeout=timeout
+        )
+        return result.layers
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClientClosedError("the client has been closed; create a new Client")
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    @contextmanager
+    def _rpc(self) -> Iterator[None]:
+        """Refuses a closed client and turns grpc.RpcError into typed errors."""
+        self._check_open()
+        try:
+            yield
+        except grpc.RpcError as exc:
+            raise from_grpc_error(exc) from exc
+        except ValueError as exc:
+            if self._closed:  # grpc raises ValueError for a channel closed mid-call
+                raise ClientClosedError("the client was closed during the call") from exc
+            raise
+
+
+def _merge_options(
+    defaults: Sequence[tuple[str, Any]], extra: Sequence[tuple[str, Any]] | Mapping[str, Any] | None
+) -> list[tuple[str, Any]]:
+    merged = dict(defaults)
+    merged.update(extra.items() if isinstance(extra, Mapping) else (extra or ()))
+    return list(merged.items())
+
+
+def _gradients_request(
+    message_type: type[pb.ComputeGradientsRequest] | type[pb.StreamGradientsRequest],
+    images: Images,
+    loss: Loss,
+    pattern: Pattern | str,
+    parameters: Names | None,
+    layers: Names | None,
+    want_input: bool,
+    activations: Names,
+    dtype: OutputDType,
+) -> Any:
+    if not isinstance(loss, Loss):
+        raise TypeError(
+            f"loss must be one of layergrad.losses (e.g. SumOfSquares()), not {type(loss).__name__}"
+        )
+    targets = _targets(parameters, layers, want_input)
+    return message_type(
+        inputs=to_inputs(images),
+        loss=loss._to_proto(),
+        pattern=_pattern(pattern),
+        targets=targets,
+        activation_layers=_names(activations, "activations"),
+        output_dtype=_output_dtype(dtype),
+    )
+
+
+def _targets(parameters: Names | None, layers: Names | None, want_input: bool) -> pb.GradientTargets:
+    targets = pb.GradientTargets(input=bool(want_input))
+    if parameters == "all":
+        targets.all_parameters = True
+    elif parameters is not None:
+        targets.parameters.extend(_names(parameters, "parameters"))
+    if layers == "all":
+        targets.all_layers = True
+    elif layers is not None:
+        targets.layers.extend(_names(layers, "layers"))
+    if not (
+        targets.input or targets.all_parameters or targets.parameters or targets.all_layers or targets.layers
+    ):
+        raise ValueError("no gradient requested: set input=True, parameters=... or layers=...")
+    return targets
+
+
+def _names(names: Names, what: str) -> list[str]:
+    items = [names] if isinstance(names, str) else list(names)
+    if not all(isinstance(name, str) and name for name in items):
+        raise TypeError(f"{what} must be names (strings), got {items!r}")
+    return items
+
+
+def _pattern(pattern: Pattern | str) -> int:
+    try:
+        return _PATTERN_TO_PROTO[Pattern(pattern)]
+    except ValueError:
+        choices = ", ".join(p.value for p in Pattern)
+        raise ValueError(f"unknown pattern {pattern!r}; choose one of {choices}") from None
+
+
+def _output_dtype(dtype: OutputDType) -> int:
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt == np.float32:
+        return pb.DATA_TYPE_FLOAT32
+    if dt == np.float16:
+        return pb.DATA_TYPE_FLOAT16
+    raise ValueError(f"dtype must be 'float32' or 'float16', not {dtype!r}")
+
+
+def _gradient_result(tensors: Sequence[AssembledTensor], loss: float | None) -> GradientResult:
+    input_gradient = None
+    groups: dict[int, dict[str, np.ndarray]] = {
+        pb.TENSOR_KIND_LAYER_GRADIENT: {},
+        pb.TENSOR_KIND_PARAMETER_GRADIENT: {},
+        pb.TENSOR_KIND_ACTIVATION: {},
+    }
+    for tensor in tensors:
+        if tensor.kind == pb.TENSOR_KIND_INPUT_GRADIENT:
+            input_gradient = tensor.array
+        elif tensor.kind in groups:
+            groups[tensor.kind][tensor.name] = tensor.array
+        else:
+            logger.warning("ignoring tensor %r of unknown kind %d", tensor.name, tensor.kind)
+    return GradientResult(
+        input=input_gradient,
+        layers=groups[pb.TENSOR_KIND_LAYER_GRADIENT],
+        parameters=groups[pb.TENSOR_KIND_PARAMETER_GRADIENT],
+        activations=groups[pb.TENSOR_KIND_ACTIVATION],
+        loss=loss,
+    )
+
+
+def _missing(what: str) -> Exception:
+    return DataLoss(f"the server returned no {what}")
+
+
+def _model_info(response: pb.GetModelInfoResponse) -> ModelInfo:
+    spec = response.input_spec
+    weights = response.weights
+    return ModelInfo(
+        model_name=response.model_name,
+        input_spec=InputSpec(
+            shape=tuple(spec.shape),
+            dtype=dtype_name(spec.dtype),
+            layout=spec.layout,
+            channel_order=spec.channel_order,
+            mean=tuple(spec.mean),
+            image_formats=tuple(spec.image_formats),
+        ),
+        layers=tuple(LayerInfo(layer.name, tuple(layer.output_shape)) for layer in response.layers),
+        parameters=tuple(
+            ParameterInfo(param.name, tuple(param.shape), dtype_name(param.dtype))
+            for param in response.parameters
+        ),
+        weights=WeightsInfo(
+            source=weights.source,
+            pretrained=weights.pretrained,
+            file_sha256=weights.file_sha256,
+            parameters_sha256=weights.parameters_sha256,
+        ),
+        versions=dict(sorted(response.versions.items())),
+        device=response.device,
+        max_unary_response_bytes=response.max_unary_response_bytes,
+        stream_chunk_bytes=response.stream_chunk_bytes,
+        max_batch_size=response.max_batch_size,
+    )

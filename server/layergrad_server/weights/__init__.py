@@ -1,0 +1,19 @@
+"""Pretrained VGG16 weights: finding, downloading, converting and checking them.
+
+``resolve_weights`` turns a user's ``--weights`` choice into an npz file that
+``chainer.links.VGG16Layers`` loads (or a seed for random initialisation);
+``convert_caffemodel`` turns the published Caffe model into that npz.
+Every failure is a :class:`WeightsError` whose message says what is wrong.
+"""
+
+from __future__ import annotations
+
+
+class WeightsError(Exception):
+    """Weights are missing, unreadable, incomplete, corrupt or of the wrong shape."""
+
+
+from layergrad_server.weights.convert import convert_caffemodel  # noqa: E402
+from layergrad_server.weights.store import ResolvedWeights, resolve_weights  # noqa: E402
+
+__all__ = ["ResolvedWeights", "WeightsError", "convert_caffemodel", "resolve_weights"]

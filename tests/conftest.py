@@ -1,0 +1,75 @@
+"""Shared fixtures: one real server subprocess on random seeded weights, the real SDK,
+and an in-process Chainer VGG16 loaded from the same weights file as the reference."""
+
+from __future__ import annotations
+
+import io
+import pathlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from layergrad_server import _compat  # noqa: F401  (before chainer)
+
+import layergrad
+from chainer.links.model.vision import vgg
+
+from layergrad_server.engine import random_weights_npz
+from server_process import ServerProcess
+
+
+@pytest.fixture(scope="session")
+def weights_file(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    path = tmp_path_factory.mktemp("weights") / "vgg16-random-0.npz"
+    path.write_bytes(random_weights_npz(0).getvalue())
+    return path
+
+
+@pytest.fixture(scope="session")
+def server(weights_file: pathlib.Path, tmp_path_factory: pytest.TempPathFactory):
+    process = ServerProcess(["--weights", str(weights_file)], tmp_path_factory.mktemp("logs") / "server.log")
+    try:
+        process.wait_serving()
+        yield process
+    finally:
+        process.terminate()
+
+
+@pytest.fixture(scope="session")
+def client(server: ServerProcess):
+    with layergrad.Client(server.address, timeout=300) as sdk:
+        yield sdk
+
+
+@pytest.fixture(scope="session")
+def reference_net(weights_file: pathlib.Path) -> vgg.VGG16Layers:
+    """The same weights in a plain in-process Chainer VGG16Layers."""
+    return vgg.VGG16Layers(pretrained_model=str(weights_file))
+
+
+def make_rgb(seed: int, height: int = 180, width: int = 240) -> np.ndarray:
+    """A deterministic smooth uint8 RGB image with some structure."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    channels = [
+        127 + 120 * np.sin(xx / rng.uniform(5, 30) + rng.uniform(0, 6)) * np.cos(yy / rng.uniform(5, 30))
+        for _ in range(3)
+    ]
+    noise = rng.integers(-10, 10, size=(height, width, 3))
+    return np.clip(np.stack(channels, axis=-1) + noise, 0, 255).astype(np.uint8)
+
+
+def encode(array: np.ndarray, image_format: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=image_format)
+    return buffer.getvalue()
+
+
+def prepared_reference(item: object) -> np.ndarray:
+    """What in-process Chainer code makes of an input of each kind the service accepts."""
+    if isinstance(item, bytes):
+        return vgg.prepare(Image.open(io.BytesIO(item)).convert("RGB"))
+    if item.dtype == np.uint8:
+        return vgg.prepare(item)
+    return item
