@@ -6,17 +6,14 @@ from __future__ import annotations
 import io
 import pathlib
 
+import layergrad
 import numpy as np
 import pytest
-from PIL import Image
-
-from layergrad_server import _compat  # noqa: F401  (before chainer)
-
-import layergrad
 from chainer.links.model.vision import vgg
-
+from layergrad_server import _compat  # noqa: F401  (before chainer)
 from layergrad_server.engine import random_weights_npz
-from server_process import ServerProcess
+from layergrad_server.launch import ServerProcess
+from PIL import Image
 
 
 @pytest.fixture(scope="session")

@@ -6,14 +6,13 @@ from __future__ import annotations
 import io
 
 import grpc
+import layergrad
 import numpy as np
 import pytest
 from conftest import encode, make_rgb
-from PIL import Image
-
-import layergrad
 from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
 from layergrad._gen.layergrad.v1 import gradient_service_pb2_grpc as pb_grpc
+from PIL import Image
 
 PNG = encode(make_rgb(1, 64, 64), "PNG")
 
@@ -60,18 +59,40 @@ BAD_REQUESTS = {
         "loss.sum_of_squares.layer",
         ["softmax", "prob"],
     ),
-    "undecodable_image": (request(inputs=[pb.Input(encoded_image=b"\x89PNG not really")]), "inputs[0].encoded_image", ["JPEG"]),
-    "truncated_png": (request(inputs=[pb.Input(encoded_image=PNG[: len(PNG) // 2])]), "inputs[0].encoded_image", ["corrupt"]),
-    "gif_is_not_an_accepted_format": (request(inputs=[pb.Input(encoded_image=gif())]), "inputs[0].encoded_image", ["PNG"]),
+    "undecodable_image": (
+        request(inputs=[pb.Input(encoded_image=b"\x89PNG not really")]),
+        "inputs[0].encoded_image",
+        ["JPEG"],
+    ),
+    "truncated_png": (
+        request(inputs=[pb.Input(encoded_image=PNG[: len(PNG) // 2])]),
+        "inputs[0].encoded_image",
+        ["corrupt"],
+    ),
+    "gif_is_not_an_accepted_format": (
+        request(inputs=[pb.Input(encoded_image=gif())]),
+        "inputs[0].encoded_image",
+        ["PNG"],
+    ),
     "empty_input": (request(inputs=[pb.Input()]), "inputs[0]", ["encoded_image"]),
     "wrong_dtype": (
         request(inputs=[pb.Input(prepared=tensor(np.zeros((3, 224, 224)), pb.DATA_TYPE_FLOAT64))]),
         "inputs[0].prepared.dtype",
         ["DATA_TYPE_FLOAT32"],
     ),
-    "wrong_shape": (request(inputs=[prepared(np.zeros((3, 100, 100), np.float32))]), "inputs[0].prepared.shape", ["224"]),
+    "wrong_shape": (
+        request(inputs=[prepared(np.zeros((3, 100, 100), np.float32))]),
+        "inputs[0].prepared.shape",
+        ["224"],
+    ),
     "byte_length_lies": (
-        request(inputs=[pb.Input(prepared=pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[3, 224, 224], data=b"\0" * 100))]),
+        request(
+            inputs=[
+                pb.Input(
+                    prepared=pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[3, 224, 224], data=b"\0" * 100)
+                )
+            ]
+        ),
         "inputs[0].prepared.data",
         ["100 bytes", "602112"],
     ),
@@ -93,7 +114,11 @@ BAD_REQUESTS = {
     "empty_batch": (request(inputs=[]), "inputs", ["empty"]),
     "batch_over_the_limit": (request(inputs=[prepared()] * 33), "inputs", ["33", "32"]),
     "missing_loss": (request(loss=None), "loss", ["sum_of_squares"]),
-    "missing_pattern": (request(pattern=pb.BACKWARD_PATTERN_UNSPECIFIED), "pattern", ["BACKWARD_RETAIN_GRAD"]),
+    "missing_pattern": (
+        request(pattern=pb.BACKWARD_PATTERN_UNSPECIFIED),
+        "pattern",
+        ["BACKWARD_RETAIN_GRAD"],
+    ),
     "no_targets": (request(targets=pb.GradientTargets()), "targets", ["targets.input"]),
     "label_out_of_range": (
         request(loss=pb.Loss(softmax_cross_entropy=pb.SoftmaxCrossEntropy(labels=[1000]))),
@@ -118,7 +143,9 @@ BAD_REQUESTS = {
     "target_shape_mismatch": (
         request(
             loss=pb.Loss(
-                squared_error=pb.SquaredError(layer="fc7", target=tensor(np.zeros((1, 1000), np.float32), pb.DATA_TYPE_FLOAT32))
+                squared_error=pb.SquaredError(
+                    layer="fc7", target=tensor(np.zeros((1, 1000), np.float32), pb.DATA_TYPE_FLOAT32)
+                )
             )
         ),
         "loss.squared_error.target",
@@ -128,7 +155,9 @@ BAD_REQUESTS = {
         request(
             loss=pb.Loss(
                 squared_error=pb.SquaredError(
-                    layer="prob", target=tensor(np.zeros((1, 1000), np.float32), pb.DATA_TYPE_FLOAT32), target_classes=[1]
+                    layer="prob",
+                    target=tensor(np.zeros((1, 1000), np.float32), pb.DATA_TYPE_FLOAT32),
+                    target_classes=[1],
                 )
             )
         ),
@@ -153,7 +182,8 @@ BAD_REQUESTS = {
     ),
     "layer_after_the_loss_layer": (
         request(
-            loss=pb.Loss(sum_of_squares=pb.SumOfSquares(layer="conv4_3")), targets=pb.GradientTargets(layers=["fc7"])
+            loss=pb.Loss(sum_of_squares=pb.SumOfSquares(layer="conv4_3")),
+            targets=pb.GradientTargets(layers=["fc7"]),
         ),
         "targets.layers",
         ["after the loss layer"],
@@ -177,8 +207,12 @@ def assert_still_serving(client: layergrad.Client) -> None:
 @pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
 def test_bad_request_is_invalid_argument_naming_the_field_and_server_keeps_serving(stub, client, case):
     bad, field, fragments = BAD_REQUESTS[case]
-    for call in (stub.ComputeGradients, lambda r, timeout: list(stub.StreamGradients(
-        pb.StreamGradientsRequest.FromString(r.SerializeToString()), timeout=timeout))):
+    for call in (
+        stub.ComputeGradients,
+        lambda r, timeout: list(
+            stub.StreamGradients(pb.StreamGradientsRequest.FromString(r.SerializeToString()), timeout=timeout)
+        ),
+    ):
         with pytest.raises(grpc.RpcError) as caught:
             call(bad, timeout=60)
         error = layergrad.from_grpc_error(caught.value)
@@ -193,15 +227,24 @@ def test_bad_request_is_invalid_argument_naming_the_field_and_server_keeps_servi
 
 def test_unary_result_over_the_cap_is_resource_exhausted_naming_the_stream(client):
     with pytest.raises(layergrad.ResourceExhausted) as caught:
-        client.compute_gradients_unary([PNG], layergrad.ClassScore("fc8", [1]), pattern="backward", parameters="all")
+        client.compute_gradients_unary(
+            [PNG], layergrad.ClassScore("fc8", [1]), pattern="backward", parameters="all"
+        )
     assert "StreamGradients" in caught.value.message
     assert caught.value.reason == "USE_STREAM_GRADIENTS"
     assert_still_serving(client)
 
 
 def test_unary_and_stream_return_the_same_tensors(client):
-    kwargs = {"pattern": "backward_retain_grad", "layers": ["conv5_3"], "parameters": ["fc8/b"], "input": True}
-    unary = client.compute_gradients_unary([PNG], layergrad.SumOfSquares("fc7"), activations=["fc7"], **kwargs)
+    kwargs = {
+        "pattern": "backward_retain_grad",
+        "layers": ["conv5_3"],
+        "parameters": ["fc8/b"],
+        "input": True,
+    }
+    unary = client.compute_gradients_unary(
+        [PNG], layergrad.SumOfSquares("fc7"), activations=["fc7"], **kwargs
+    )
     stream = client.gradients([PNG], layergrad.SumOfSquares("fc7"), activations=["fc7"], **kwargs)
     np.testing.assert_array_equal(unary.input, stream.input)
     np.testing.assert_array_equal(unary.layers["conv5_3"], stream.layers["conv5_3"])

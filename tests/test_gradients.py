@@ -6,14 +6,13 @@ from __future__ import annotations
 import io
 import threading
 
-import numpy as np
-import pytest
-from PIL import Image
-from conftest import encode, make_rgb, prepared_reference
-
 import chainer
 import chainer.functions as F  # noqa: N812
 import layergrad
+import numpy as np
+import pytest
+from conftest import encode, make_rgb, prepared_reference
+from PIL import Image
 
 PARAMS = ["conv1_1/W", "conv5_3/b", "fc7/W", "fc8/W"]
 PATTERNS = ["backward", "backward_retain_grad", "grad"]
@@ -210,7 +209,8 @@ def test_all_parameter_gradients_stream_in_one_call_and_match(client, reference_
     grads = client.parameter_gradients([item], loss, parameters="all")
     total = sum(g.nbytes for g in grads.values())
     assert total > 550_000_000
-    assert len(grads) == 32 and list(grads)[0] == "conv1_1/W" and list(grads)[-1] == "fc8/b"
+    names = list(grads)
+    assert len(names) == 32 and names[0] == "conv1_1/W" and names[-1] == "fc8/b"
 
     x = chainer.Variable(prepared_reference(item)[None])
     with chainer.using_config("train", False):
@@ -285,7 +285,9 @@ def test_predict_equals_chainer_extract(client, reference_net):
     item = make_input("png", seed=8)
     acts = client.predict([item], layers=["prob", "fc7"])
     with chainer.using_config("train", False), chainer.no_backprop_mode():
-        expected = reference_net.extract([Image.open(io.BytesIO(item)).convert("RGB")], layers=["prob", "fc7"])
+        expected = reference_net.extract(
+            [Image.open(io.BytesIO(item)).convert("RGB")], layers=["prob", "fc7"]
+        )
     np.testing.assert_allclose(acts["prob"], expected["prob"].array, rtol=1e-6, atol=0)
     np.testing.assert_allclose(acts["fc7"], expected["fc7"].array, rtol=1e-6, atol=0)
     assert acts["prob"].sum() == pytest.approx(1.0, rel=1e-5)

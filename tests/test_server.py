@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
 import time
 
 import grpc
+import layergrad
 import numpy as np
 import pytest
 from conftest import encode, make_rgb
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from server_process import ROOT, ServerProcess
-
-import layergrad
+from layergrad_server.launch import ServerProcess
 
 LAYERS = [
-    "conv1_1", "conv1_2", "pool1", "conv2_1", "conv2_2", "pool2", "conv3_1", "conv3_2", "conv3_3", "pool3",
-    "conv4_1", "conv4_2", "conv4_3", "pool4", "conv5_1", "conv5_2", "conv5_3", "pool5", "fc6", "fc7", "fc8", "prob",
+    "conv1_1", "conv1_2", "pool1", "conv2_1", "conv2_2", "pool2", "conv3_1", "conv3_2", "conv3_3",
+    "pool3", "conv4_1", "conv4_2", "conv4_3", "pool4", "conv5_1", "conv5_2", "conv5_3", "pool5",
+    "fc6", "fc7", "fc8", "prob",
 ]  # fmt: skip
 
 
@@ -29,7 +28,9 @@ def test_model_info_describes_layers_parameters_input_and_weights(client, weight
     assert info.model_name == "VGG16"
     assert [layer.name for layer in info.layers] == LAYERS
     shapes = {layer.name: layer.output_shape for layer in info.layers}
-    assert shapes["conv1_1"] == (64, 224, 224) and shapes["pool5"] == (512, 7, 7) and shapes["prob"] == (1000,)
+    assert (
+        shapes["conv1_1"] == (64, 224, 224) and shapes["pool5"] == (512, 7, 7) and shapes["prob"] == (1000,)
+    )
     assert len(info.parameters) == 32
     assert info.parameters[0].name == "conv1_1/W" and info.parameters[0].shape == (64, 3, 3, 3)
     assert {p.name: p.shape for p in info.parameters}["fc6/W"] == (4096, 25088)
@@ -51,7 +52,9 @@ def test_health_is_serving_for_the_server_and_the_service(server):
 def test_reflection_lists_the_gradient_service(server):
     with grpc.insecure_channel(server.address) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        responses = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        )
         names = [s.name for s in next(responses).list_services_response.service]
     assert "layergrad.v1.GradientService" in names and "grpc.health.v1.Health" in names
 
@@ -60,13 +63,13 @@ def test_cli_grad_writes_npz_and_prints_a_summary(server, tmp_path):
     image = tmp_path / "image.png"
     image.write_bytes(encode(make_rgb(12), "PNG"))
     out = tmp_path / "grads.npz"
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'client'}{os.pathsep}{ROOT / 'server'}"}
     command = [
-        sys.executable, "-m", "layergrad.cli", "--target", server.address, "grad", str(image), "--out", str(out),
-        "--loss", "class-score:fc8:3", "--pattern", "backward_retain_grad", "--input", "--layers", "conv5_3",
+        sys.executable, "-m", "layergrad.cli", "--target", server.address, "grad", str(image),
+        "--out", str(out), "--loss", "class-score:fc8:3", "--pattern", "backward_retain_grad",
+        "--input", "--layers", "conv5_3",
         "--params", "fc8/b",
     ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     with np.load(out) as saved:
         assert saved["input"].shape == (1, 3, 224, 224)
@@ -74,7 +77,9 @@ def test_cli_grad_writes_npz_and_prints_a_summary(server, tmp_path):
         assert saved["param/fc8/b"].shape == (1000,)
     assert "conv5_3" in done.stdout and "fc8/b" in done.stdout
 
-    bad = subprocess.run([*command[:7], "--out", str(out), "--layers", "nope"], capture_output=True, text=True, env=env)
+    bad = subprocess.run(
+        [*command[:7], "--out", str(out), "--layers", "nope"], capture_output=True, text=True
+    )
     assert bad.returncode != 0 and "INVALID_ARGUMENT" in bad.stderr
 
 
@@ -139,7 +144,6 @@ def test_numpy_shim_lets_chainer_import_without_sctypes_or_numpy_distutils():
         "assert (x.grad == 2 * x.array).all()\n"
         "print('ok', chainer.__version__)\n"
     )
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'client'}{os.pathsep}{ROOT / 'server'}"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok 7.8.1"

@@ -31,9 +31,6 @@ Local mistakes made before any RPC (an unsupported image type, a malformed
 loss) raise the built-in :class:`TypeError` or :class:`ValueError` instead.
 """
 
-# The classes are named after the gRPC codes, as google.api_core names them, without "Error".
-# ruff: noqa: N818
-
 from __future__ import annotations
 
 from collections.abc import Sequence

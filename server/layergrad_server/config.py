@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
         "`layergrad-server weights --help` manages pretrained weights.",
     )
     parser.add_argument(
-        "--address", default=_env("ADDRESS", defaults.address), help="host:port to listen on (port 0: any free port)"
+        "--address",
+        default=_env("ADDRESS", defaults.address),
+        help="host:port to listen on (port 0: any free port)",
     )
     parser.add_argument(
         "--weights",
@@ -50,25 +52,56 @@ def build_parser() -> argparse.ArgumentParser:
         "pretrained weights) or 'random:SEED'; default: cached pretrained weights, else random:0",
     )
     parser.add_argument(
-        "--max-unary-response-bytes", type=int, default=int(_env("MAX_UNARY_RESPONSE_BYTES", str(defaults.max_unary_response_bytes)))
+        "--max-unary-response-bytes",
+        type=int,
+        default=int(_env("MAX_UNARY_RESPONSE_BYTES", str(defaults.max_unary_response_bytes))),
     )
-    parser.add_argument("--stream-chunk-bytes", type=int, default=int(_env("STREAM_CHUNK_BYTES", str(defaults.stream_chunk_bytes))))
-    parser.add_argument("--max-request-bytes", type=int, default=int(_env("MAX_REQUEST_BYTES", str(defaults.max_request_bytes))))
-    parser.add_argument("--max-batch-size", type=int, default=int(_env("MAX_BATCH_SIZE", str(defaults.max_batch_size))))
-    parser.add_argument("--threads", type=int, default=int(_env("THREADS", str(defaults.threads))), help="gRPC handler threads")
     parser.add_argument(
-        "--grace", type=float, default=float(_env("GRACE", str(defaults.grace_seconds))),
+        "--stream-chunk-bytes",
+        type=int,
+        default=int(_env("STREAM_CHUNK_BYTES", str(defaults.stream_chunk_bytes))),
+    )
+    parser.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=int(_env("MAX_REQUEST_BYTES", str(defaults.max_request_bytes))),
+    )
+    parser.add_argument(
+        "--max-batch-size", type=int, default=int(_env("MAX_BATCH_SIZE", str(defaults.max_batch_size)))
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=int(_env("THREADS", str(defaults.threads))),
+        help="gRPC handler threads",
+    )
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=float(_env("GRACE", str(defaults.grace_seconds))),
         help="seconds in-flight calls get to finish on SIGTERM/SIGINT",
     )
-    parser.add_argument("--max-image-pixels", type=int, default=int(_env("MAX_IMAGE_PIXELS", str(defaults.image_limits.max_pixels))))
-    parser.add_argument("--log-format", choices=["text", "json"], default=_env("LOG_FORMAT", defaults.log_format))
+    parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=int(_env("MAX_IMAGE_PIXELS", str(defaults.image_limits.max_pixels))),
+    )
+    parser.add_argument(
+        "--log-format", choices=["text", "json"], default=_env("LOG_FORMAT", defaults.log_format)
+    )
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", defaults.log_level))
     return parser
 
 
 def from_args(args: argparse.Namespace) -> ServerConfig:
     """A config from parsed flags, checked for sane values."""
-    for name in ("max_unary_response_bytes", "stream_chunk_bytes", "max_request_bytes", "max_batch_size", "threads"):
+    for name in (
+        "max_unary_response_bytes",
+        "stream_chunk_bytes",
+        "max_request_bytes",
+        "max_batch_size",
+        "threads",
+    ):
         if getattr(args, name) <= 0:
             raise SystemExit(f"layergrad-server: --{name.replace('_', '-')} must be positive")
     return ServerConfig(

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-
 from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
+
 from layergrad_server import engine, images
 from layergrad_server.errors import InvalidArgument
 
@@ -93,7 +93,9 @@ def input_to_array(message: pb.Input, field: str, image_limits: images.ImageLimi
     """One Input as a prepared float32 3x224x224 array (Chainer's ``vgg.prepare``)."""
     kind = message.WhichOneof("kind")
     if kind == "prepared":
-        array = tensor_to_array(message.prepared, f"{field}.prepared", dtypes=[DTYPES[pb.DATA_TYPE_FLOAT32]], finite=True)
+        array = tensor_to_array(
+            message.prepared, f"{field}.prepared", dtypes=[DTYPES[pb.DATA_TYPE_FLOAT32]], finite=True
+        )
         if array.shape != engine.INPUT_SHAPE:
             raise InvalidArgument(
                 f"a prepared input must have shape {list(engine.INPUT_SHAPE)} (CHW, BGR, mean subtracted), "
@@ -103,13 +105,17 @@ def input_to_array(message: pb.Input, field: str, image_limits: images.ImageLimi
             )
         return array
     if kind == "rgb_image":
-        array = tensor_to_array(message.rgb_image, f"{field}.rgb_image", dtypes=[DTYPES[pb.DATA_TYPE_UINT8]], ndim=3)
+        array = tensor_to_array(
+            message.rgb_image, f"{field}.rgb_image", dtypes=[DTYPES[pb.DATA_TYPE_UINT8]], ndim=3
+        )
         image = images.from_rgb_array(array, f"{field}.rgb_image", image_limits)
     elif kind == "encoded_image":
         image = images.decode(message.encoded_image, f"{field}.encoded_image", image_limits)
     else:
         raise InvalidArgument(
-            "input has no content: set encoded_image, rgb_image or prepared", field=field, reason="EMPTY_INPUT"
+            "input has no content: set encoded_image, rgb_image or prepared",
+            field=field,
+            reason="EMPTY_INPUT",
         )
     return engine.Engine.prepare(image)
 
@@ -119,7 +125,9 @@ def inputs_to_batch(
 ) -> np.ndarray:
     """The request's inputs as one prepared (N, 3, 224, 224) float32 batch."""
     if not messages:
-        raise InvalidArgument("the batch is empty: send at least one input", field="inputs", reason="EMPTY_BATCH")
+        raise InvalidArgument(
+            "the batch is empty: send at least one input", field="inputs", reason="EMPTY_BATCH"
+        )
     if len(messages) > max_batch_size:
         raise InvalidArgument(
             f"batch of {len(messages)} inputs exceeds the limit of {max_batch_size}",
@@ -158,7 +166,9 @@ def loss_from_proto(message: pb.Loss) -> engine.Loss | None:
     if kind == "upstream_gradient":
         m = message.upstream_gradient
         if not m.HasField("gradient"):
-            raise InvalidArgument("upstream_gradient needs a gradient tensor", field="loss.upstream_gradient.gradient")
+            raise InvalidArgument(
+                "upstream_gradient needs a gradient tensor", field="loss.upstream_gradient.gradient"
+            )
         gradient = tensor_to_array(m.gradient, "loss.upstream_gradient.gradient", dtypes=float32, finite=True)
         return engine.UpstreamGradient(m.layer, gradient)
     return None
@@ -246,7 +256,9 @@ def gradient_chunks(result: engine.GradientResult, chunk_bytes: int) -> Iterator
             "shape": array.shape,
         }
         for offset in range(0, max(len(flat), 1), chunk_bytes):
-            message = pb.StreamGradientsResponse(offset=offset, data=bytes(flat[offset : offset + chunk_bytes]), **header)
+            message = pb.StreamGradientsResponse(
+                offset=offset, data=bytes(flat[offset : offset + chunk_bytes]), **header
+            )
             if first and result.loss is not None:
                 message.loss = result.loss
             first = False

@@ -17,14 +17,13 @@ import logging
 import threading
 from collections.abc import Sequence
 
+import chainer
+import chainer.functions as F  # noqa: N812
 import numpy as np
+from chainer.links.model.vision import vgg
 
 from layergrad_server import _compat  # noqa: F401  (must precede chainer)
 from layergrad_server.errors import InvalidArgument, names_hint
-
-import chainer  # noqa: E402, I001
-import chainer.functions as F  # noqa: E402, N812
-from chainer.links.model.vision import vgg  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +117,7 @@ class GradientQuery:
     all_layers: bool = False
     input: bool = False
     activations: Sequence[str] = ()
-    output_dtype: np.dtype = np.dtype(np.float32)
+    output_dtype: np.dtype = dataclasses.field(default_factory=lambda: np.dtype(np.float32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,8 +180,11 @@ class WeightsSource:
 def random_weights_npz(seed: int) -> io.BytesIO:
     """Deterministic He-normal weights and small biases for every VGG16 parameter, as an npz.
 
-    Written in Chainer's VGG16Layers npz layout so it loads through the same
-    ``load_npz`` path as a weights file.
+    conv1_1/W is further scaled by 1/128, bringing the prepared input (pixel
+    values minus the mean, roughly -128..128) to unit scale, so activations stay
+    moderate through the network and the softmax is not saturated: gradients
+    of every loss are informative. Written in Chainer's VGG16Layers npz layout
+    so it loads through the same ``load_npz`` path as a weights file.
     """
     rng = np.random.default_rng(seed)
     shapes = _parameter_shapes()
@@ -190,7 +192,8 @@ def random_weights_npz(seed: int) -> io.BytesIO:
     for name, shape in shapes:
         if name.endswith("/W"):
             fan_in = int(np.prod(shape[1:]))
-            arrays[name] = rng.standard_normal(shape, dtype=np.float32) * np.float32(np.sqrt(2.0 / fan_in))
+            std = np.sqrt(2.0 / fan_in) / (128.0 if name == "conv1_1/W" else 1.0)
+            arrays[name] = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
         else:
             arrays[name] = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.01)
     buffer = io.BytesIO()
@@ -308,9 +311,7 @@ class Engine:
 
     def _check_classes(self, classes: np.ndarray, batch: int, width: int, field: str) -> None:
         if classes.shape != (batch,):
-            raise InvalidArgument(
-                f"expected one class per input ({batch}), got {classes.size}", field=field
-            )
+            raise InvalidArgument(f"expected one class per input ({batch}), got {classes.size}", field=field)
         bad = classes[(classes < 0) | (classes >= width)]
         if bad.size:
             raise InvalidArgument(
@@ -359,9 +360,7 @@ class Engine:
             self._check_classes(loss.classes, batch, width, f"{field}.classes")
         elif isinstance(loss, SquaredError):
             if (loss.target is None) == (loss.target_classes is None):
-                raise InvalidArgument(
-                    "set exactly one of target and target_classes", field=f"{field}.target"
-                )
+                raise InvalidArgument("set exactly one of target and target_classes", field=f"{field}.target")
             if loss.target is not None:
                 self._check_tensor_shape(loss.target, layer, batch, f"{field}.target")
             else:
@@ -409,7 +408,9 @@ class Engine:
             parameters = tuple(
                 dict.fromkeys(self._check_parameter(n, "targets.parameters") for n in query.parameters)
             )
-        activations = tuple(dict.fromkeys(self._check_layer(n, "activation_layers") for n in query.activations))
+        activations = tuple(
+            dict.fromkeys(self._check_layer(n, "activation_layers") for n in query.activations)
+        )
         activations = tuple(sorted(activations, key=self._layer_index.__getitem__))
         if not (query.input or layers or parameters):
             raise InvalidArgument(
@@ -429,10 +430,14 @@ class Engine:
         results += [
             ResultSpec(n, Kind.PARAMETER_GRADIENT, tuple(self._params[n].shape), dtype) for n in parameters
         ]
-        results += [ResultSpec(n, Kind.ACTIVATION, (batch, *self.layer_shapes[n]), dtype) for n in activations]
+        results += [
+            ResultSpec(n, Kind.ACTIVATION, (batch, *self.layer_shapes[n]), dtype) for n in activations
+        ]
         return Plan(query, loss_layer, layers, parameters, tuple(results))
 
-    def check_predict(self, inputs: np.ndarray, layers: Sequence[str], output_dtype: np.dtype) -> tuple[str, ...]:
+    def check_predict(
+        self, inputs: np.ndarray, layers: Sequence[str], output_dtype: np.dtype
+    ) -> tuple[str, ...]:
         """Validates a Predict call; returns its layers in forward order."""
         self._check_batch(inputs)
         if output_dtype not in OUTPUT_DTYPES:
@@ -442,12 +447,16 @@ class Engine:
 
     # ---- compute ---------------------------------------------------------------
 
-    def predict(self, inputs: np.ndarray, layers: Sequence[str], output_dtype: np.dtype) -> list[ResultTensor]:
+    def predict(
+        self, inputs: np.ndarray, layers: Sequence[str], output_dtype: np.dtype
+    ) -> list[ResultTensor]:
         """Forward only, like ``VGG16Layers.extract``: the requested layers' outputs."""
         names = self.check_predict(inputs, layers, output_dtype)
         with self._lock, chainer.using_config("train", False), chainer.using_config("enable_backprop", False):
             acts = self.net.forward(inputs, layers=list(names))
-        return [ResultTensor(n, Kind.ACTIVATION, acts[n].array.astype(output_dtype, copy=False)) for n in names]
+        return [
+            ResultTensor(n, Kind.ACTIVATION, acts[n].array.astype(output_dtype, copy=False)) for n in names
+        ]
 
     def gradients(self, plan: Plan) -> GradientResult:
         """Runs a planned query with the requested backward pattern."""

@@ -33,7 +33,12 @@ def decode(data: bytes, field: str, limits: ImageLimits) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=list(limits.formats))
-    except (Image.UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning, OSError):
+    except (
+        Image.UnidentifiedImageError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+        OSError,
+    ):
         raise InvalidArgument(
             f"encoded_image is not a readable image of an accepted format ({', '.join(limits.formats)})",
             field=field,

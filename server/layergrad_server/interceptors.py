@@ -55,7 +55,9 @@ class ErrorInterceptor(grpc.ServerInterceptor):
     """Wraps unary-unary and unary-stream handlers with the error mapping."""
 
     def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler], details: grpc.HandlerCallDetails
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler],
+        details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = continuation(details)
         if handler is None:

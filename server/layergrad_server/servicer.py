@@ -9,9 +9,9 @@ from collections.abc import Iterator
 import chainer
 import grpc
 import numpy as np
-
 from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
 from layergrad._gen.layergrad.v1 import gradient_service_pb2_grpc as pb_grpc
+
 from layergrad_server import __version__, convert, engine
 from layergrad_server.config import ServerConfig
 from layergrad_server.errors import ResultTooLarge, Unavailable
@@ -57,7 +57,9 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         yield from convert.gradient_chunks(result, self._config.stream_chunk_bytes)
 
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:  # noqa: N802
-        batch = convert.inputs_to_batch(request.inputs, self._config.image_limits, self._config.max_batch_size)
+        batch = convert.inputs_to_batch(
+            request.inputs, self._config.image_limits, self._config.max_batch_size
+        )
         dtype = convert.output_dtype(request.output_dtype)
         return convert.predict_response(self._model.predict(batch, tuple(request.layers), dtype))
 

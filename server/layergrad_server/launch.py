@@ -1,4 +1,11 @@
-"""Runs ``layergrad-server`` as a real subprocess on a free port, for tests."""
+"""Runs ``layergrad-server`` as a child process on a free loopback port.
+
+Used by the tests, the demo and the benchmark; handy for notebooks too::
+
+    with ServerProcess(["--weights", "random:0"], log_path) as server:
+        server.wait_serving()
+        ...  # layergrad.Client(server.address)
+"""
 
 from __future__ import annotations
 
@@ -13,20 +20,14 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-
 
 class ServerProcess:
     """A ``python -m layergrad_server`` child listening on 127.0.0.1:<free port>."""
 
     def __init__(self, args: list[str], log_path: pathlib.Path, env: dict[str, str] | None = None) -> None:
         self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115  (closed in stop)
-        child_env = {
-            **os.environ,
-            "PYTHONPATH": f"{ROOT / 'client'}{os.pathsep}{ROOT / 'server'}",
-            **(env or {}),
-        }
+        self._log = open(log_path, "wb")
+        child_env = {**os.environ, **(env or {})}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "layergrad_server", "--address", "127.0.0.1:0", *args],
             stdout=self._log,
@@ -34,6 +35,12 @@ class ServerProcess:
             env=child_env,
         )
         self.address = f"127.0.0.1:{self._wait_for_port()}"
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.terminate()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
