@@ -6,11 +6,13 @@ from __future__ import annotations
 import io
 import pathlib
 
+import layergrad_server  # noqa: F401  (applies the numpy 2 shim Chainer needs)
+
+# isort: split
 import layergrad
 import numpy as np
 import pytest
 from chainer.links.model.vision import vgg
-from layergrad_server import _compat  # noqa: F401  (before chainer)
 from layergrad_server.engine import random_weights_npz
 from layergrad_server.launch import ServerProcess
 from PIL import Image

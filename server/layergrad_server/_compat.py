@@ -5,7 +5,7 @@ imports ``numpy.distutils.system_info`` (gone on Python 3.12+; where it still
 exists, importing it sets the root logger's level to WARNING as a side effect).
 ``apply()`` restores ``sctypes`` and installs a small stand-in for
 ``numpy.distutils.system_info``, whose only use in Chainer is a BLAS check on
-macOS. Importing this module applies it; import it before Chainer.
+macOS. ``import layergrad_server`` applies it.
 """
 
 from __future__ import annotations
@@ -39,6 +39,3 @@ def apply() -> None:
         sys.modules["numpy.distutils.system_info"] = system_info
         numpy.distutils = distutils
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
-
-
-apply()

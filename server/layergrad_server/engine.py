@@ -17,12 +17,11 @@ import logging
 import threading
 from collections.abc import Sequence
 
-import chainer
+import chainer  # importable on numpy 2: the package __init__ applied the shim
 import chainer.functions as F  # noqa: N812
 import numpy as np
 from chainer.links.model.vision import vgg
 
-from layergrad_server import _compat  # noqa: F401  (must precede chainer)
 from layergrad_server.errors import InvalidArgument, names_hint
 
 logger = logging.getLogger(__name__)
