@@ -23,13 +23,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import layergrad
 import numpy as np
 import pytest
 from layergrad_server import _compat
+from layergrad_server.engine import random_weights_npz
+from layergrad_server.launch import ServerProcess
 from layergrad_server.weights import ResolvedWeights, WeightsError, convert_caffemodel, resolve_weights, store
 from layergrad_server.weights._gen import caffe_pb2
 from layergrad_server.weights.cli import weights_main
 from layergrad_server.weights.convert import VGG16_LAYOUT, VGG16_PARAMETER_COUNT, check_npz
+from PIL import Image
 
 _compat.apply()
 
@@ -642,3 +646,46 @@ def test_written_npz_honours_umask_not_private_tempfile_mode(tmp_path: Path) -> 
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npz"]
+
+
+def test_server_on_converted_caffemodels_gives_the_gradients_of_the_same_weights_as_npz(
+    tmp_path: Path,
+) -> None:
+    with np.load(random_weights_npz(3)) as loaded:
+        arrays = {key: loaded[key] for key in loaded.files}
+    sources = {
+        "npz": tmp_path / "vgg16.npz",
+        "current": tmp_path / "current.caffemodel",
+        "v1": tmp_path / "v1.caffemodel",
+    }
+    np.savez(sources["npz"], **arrays)
+    sources["current"].write_bytes(_net(arrays, v1=False).SerializeToString())
+    sources["v1"].write_bytes(_net(arrays, v1=True).SerializeToString())
+    image = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 120, 3), dtype=np.uint8)).save(
+        image, "PNG"
+    )
+
+    served = {}
+    for name, path in sources.items():
+        env = {store.CACHE_DIR_ENV: str(tmp_path / "cache")}
+        with ServerProcess(["--weights", str(path)], tmp_path / f"{name}.log", env=env) as server:
+            server.wait_serving()
+            with layergrad.Client(server.address, timeout=300) as client:
+                info = client.model_info()
+                result = client.gradients(
+                    [image.getvalue()],
+                    layergrad.ClassScore("fc8", [7]),
+                    pattern="grad",
+                    input=True,
+                    parameters=["conv1_1/W", "fc8/b"],
+                )
+        served[name] = (info.weights.parameters_sha256, result)
+    reference_digest, reference = served["npz"]
+    for name in ("current", "v1"):
+        digest, result = served[name]
+        assert digest == reference_digest, name
+        np.testing.assert_array_equal(result.input, reference.input)
+        for param in ("conv1_1/W", "fc8/b"):
+            np.testing.assert_array_equal(result.parameters[param], reference.parameters[param])
+    assert np.abs(reference.input).max() > 0
