@@ -291,3 +291,11 @@ def test_predict_equals_chainer_extract(client, reference_net):
     np.testing.assert_allclose(acts["prob"], expected["prob"].array, rtol=1e-6, atol=0)
     np.testing.assert_allclose(acts["fc7"], expected["fc7"].array, rtol=1e-6, atol=0)
     assert acts["prob"].sum() == pytest.approx(1.0, rel=1e-5)
+
+    top = client.top_classes([item, item], k=3)
+    order = np.argsort(-expected["prob"].array[0])[:3]
+    assert (
+        top[0]
+        == top[1]
+        == [(int(c), pytest.approx(float(expected["prob"].array[0, c]), rel=1e-5)) for c in order]
+    )

@@ -279,6 +279,16 @@ class Client:
             response = self._stub.Predict(request, timeout=self._timeout(timeout))
         return {named.name: from_tensor(named.tensor) for named in response.activations}
 
+    def top_classes(
+        self, images: Images, k: int = 5, *, timeout: float | None = None
+    ) -> list[list[tuple[int, float]]]:
+        """The ``k`` most probable ImageNet class indices per image, with their ``prob``, best first."""
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        prob = self.predict(images, ("prob",), timeout=timeout)["prob"]
+        best = np.argsort(-prob, axis=1, kind="stable")[:, :k]
+        return [[(int(c), float(row[c])) for c in order] for row, order in zip(prob, best, strict=True)]
+
     def gradients(
         self,
         images: Images,
