@@ -5,8 +5,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 ADDRESS ?= 127.0.0.1:50051
 SERVER_ARGS ?=
+LOADTEST_ARGS ?=
 
-.PHONY: setup run serve demo test lint proto proto-check bench clean
+.PHONY: setup run serve demo test lint proto proto-check bench loadtest clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +42,10 @@ proto-check: proto
 
 bench: setup
 	$(PY) scripts/bench.py
+
+# N clients for T seconds against one loopback server with a small queue (LOADTEST_ARGS=...).
+loadtest: setup
+	$(PY) scripts/loadtest.py $(LOADTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info client/*.egg-info server/*.egg-info

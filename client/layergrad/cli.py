@@ -8,7 +8,9 @@
                    [--layers a,b|all] [--params a,b|all] [--activations a,b] [--float16]
 
 The server address comes from ``--target``, else ``$LAYERGRAD_TARGET``, else
-127.0.0.1:50051. Exit status: 0 on success, 1 when the server returns an error,
+127.0.0.1:50051. A bearer token is read from ``$LAYERGRAD_TOKEN`` (never from the
+command line, where other users could see it); ``--tls-ca`` (and ``--tls-cert``,
+``--tls-key`` for mutual TLS) connect over TLS. Exit status: 0 on success, 1 when the server returns an error,
 2 for bad usage (including unreadable images or a malformed loss).
 """
 
@@ -50,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, or argparse's own usage error
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
-        with Client(args.target, timeout=args.timeout or None) as client:
+        with Client(args.target, timeout=args.timeout or None, **_security(args)) as client:
             return args.handler(client, args, sys.stdout)
     except LayergradError as exc:
         _print_server_error(exc)
@@ -58,6 +60,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, argparse.ArgumentTypeError, ValueError, TypeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _security(args: argparse.Namespace) -> dict[str, object]:
+    """Client keyword arguments for TLS and the token of ``$LAYERGRAD_TOKEN``."""
+
+    def read(path: str | None) -> bytes | None:
+        if path is None:
+            return None
+        with open(path, "rb") as handle:
+            return handle.read()
+
+    security: dict[str, object] = {"token": os.environ.get("LAYERGRAD_TOKEN") or None}
+    if args.tls_ca or args.tls_cert or args.tls_key:
+        security.update(
+            root_certificates=read(args.tls_ca),
+            certificate_chain=read(args.tls_cert),
+            private_key=read(args.tls_key),
+        )
+    return security
 
 
 def _print_server_error(exc: LayergradError) -> None:
@@ -78,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--timeout", type=float, default=60.0, help="deadline per call in seconds, 0 for none (default: 60)"
     )
+    parser.add_argument("--tls-ca", help="PEM CA certificates to verify the server with: connect over TLS")
+    parser.add_argument("--tls-cert", help="PEM client certificate chain, for mutual TLS")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_info(commands)
     _add_predict(commands)

@@ -12,11 +12,30 @@ Gradient calls use the StreamGradients RPC, so results of any size (all 138M
 parameter gradients are about 553 MB) arrive in chunks that are copied straight
 into preallocated arrays. Every failure raises a :class:`layergrad.errors.LayergradError`
 subclass chosen by gRPC status code.
+
+Security: ``root_certificates=`` (and ``private_key=`` + ``certificate_chain=``
+for servers that require client certificates) or ``credentials=`` open a TLS
+channel; ``token=`` sends ``authorization: Bearer <token>`` through gRPC's
+call credentials, which gRPC only attaches on a protected channel: over TLS, or
+to a loopback target on plaintext (the client then uses gRPC's local
+credentials). A token is never sent in clear to another host.
+
+Retries: calls refused with UNAVAILABLE (server starting, shutting down or
+unreachable) or with RESOURCE_EXHAUSTED because the server is overloaded are
+retried by gRPC itself (service config ``retryPolicy``: up to 4 attempts,
+exponential backoff with jitter from 0.25 s, at most 5 s apart, all within the
+call's deadline), waiting at least the delay the server asks for
+(``grpc-retry-pushback-ms``, sent with a ``google.rpc.RetryInfo`` detail); other
+RESOURCE_EXHAUSTED refusals (a result over the unary cap) carry a pushback that
+forbids retrying. A client-side retry throttle stops retrying when most calls
+fail. ``retry=False`` turns all of this off.
 """
 
 from __future__ import annotations
 
 import enum
+import ipaddress
+import json
 import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -61,6 +80,25 @@ DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.keepalive_permit_without_calls", 0),
     ("grpc.primary_user_agent", f"layergrad-python/{_VERSION}"),
 )
+
+RETRY_BUFFER_BYTES = 64 << 20
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GradientService"].full_name
+RETRY_SERVICE_CONFIG = {
+    "methodConfig": [
+        {
+            "name": [{"service": SERVICE_NAME}],
+            "retryPolicy": {
+                "maxAttempts": 4,
+                "initialBackoff": "0.25s",
+                "maxBackoff": "5s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
+            },
+        }
+    ],
+    # Retrying stops while more than half of the recent calls failed (token bucket).
+    "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.5},
+}
 
 Names: TypeAlias = str | Sequence[str]
 """Layer or parameter names: one name, a list of names, or "all" where allowed."""
@@ -204,7 +242,15 @@ class Client:
         target: the server address, for example ``"127.0.0.1:50051"``.
         timeout: deadline of each call in seconds, unless a call passes its own;
             None means no deadline.
-        credentials: channel credentials for TLS; None opens an insecure channel.
+        credentials: channel credentials for TLS (``grpc.ssl_channel_credentials(...)``);
+            with none of these and no ``root_certificates``, the channel is plaintext.
+        root_certificates: PEM CA certificates to verify the server with (opens TLS);
+            ``b""`` is not allowed, pass None for the system roots via ``credentials``.
+        private_key: PEM private key of the client certificate, for mutual TLS.
+        certificate_chain: PEM client certificate chain, for mutual TLS.
+        token: a bearer token, sent as ``authorization: Bearer <token>`` metadata on
+            every call. Needs TLS, or a loopback target (127.0.0.0/8, ::1, localhost).
+        retry: whether gRPC retries UNAVAILABLE and overload refusals (see the module).
         options: extra gRPC channel options, ``(name, value)`` pairs or a mapping;
             they override :data:`DEFAULT_CHANNEL_OPTIONS` of the same name.
 
@@ -218,11 +264,29 @@ class Client:
         *,
         timeout: float | None = 60.0,
         credentials: grpc.ChannelCredentials | None = None,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        token: str | None = None,
+        retry: bool = True,
         options: Sequence[tuple[str, Any]] | Mapping[str, Any] | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
-        channel_options = _merge_options(DEFAULT_CHANNEL_OPTIONS, options)
+        retry_options = (
+            [
+                ("grpc.enable_retries", 1),
+                ("grpc.service_config", json.dumps(RETRY_SERVICE_CONFIG)),
+                # gRPC retries only calls whose request fits this buffer (default 256 KiB).
+                ("grpc.per_rpc_retry_buffer_size", RETRY_BUFFER_BYTES),
+            ]
+            if retry
+            else [("grpc.enable_retries", 0)]
+        )
+        channel_options = _merge_options([*DEFAULT_CHANNEL_OPTIONS, *retry_options], options)
+        credentials = _channel_credentials(
+            target, credentials, root_certificates, private_key, certificate_chain, token
+        )
         if credentials is None:
             self._channel = grpc.insecure_channel(target, options=channel_options)
         else:
@@ -416,6 +480,51 @@ class Client:
             if self._closed:  # grpc raises ValueError for a channel closed mid-call
                 raise ClientClosedError("the client was closed during the call") from exc
             raise
+
+
+def _channel_credentials(
+    target: str,
+    credentials: grpc.ChannelCredentials | None,
+    root_certificates: bytes | None,
+    private_key: bytes | None,
+    certificate_chain: bytes | None,
+    token: str | None,
+) -> grpc.ChannelCredentials | None:
+    """The channel credentials for the Client's arguments; None means plaintext without a token."""
+    pem = root_certificates is not None or private_key is not None or certificate_chain is not None
+    if credentials is not None and pem:
+        raise ValueError("pass either credentials or root_certificates/private_key/certificate_chain")
+    if (private_key is None) != (certificate_chain is None):
+        raise ValueError("private_key and certificate_chain go together (a client certificate)")
+    if pem:
+        credentials = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+    if token is None:
+        return credentials
+    if not token or any(c.isspace() for c in token):
+        raise ValueError("token must be a non-empty string without whitespace")
+    if credentials is None:
+        if not _is_loopback(target):
+            raise ValueError(
+                f"refusing to send a token in clear to {target!r}: pass root_certificates= or "
+                "credentials= for TLS (plaintext is allowed only to a loopback address)"
+            )
+        credentials = grpc.local_channel_credentials(grpc.LocalConnectionType.LOCAL_TCP)
+    return grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(token))
+
+
+def _is_loopback(target: str) -> bool:
+    """Whether ``target`` (``host:port``, ``[v6]:port``, ``dns:///host:port``) names this machine."""
+    host = target.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:")
+    if host.startswith("["):
+        host = host[1 : host.find("]")]
+    elif host.count(":") == 1:
+        host = host.rsplit(":", 1)[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _merge_options(

@@ -7,11 +7,12 @@ gRPC status code the server (or the gRPC runtime) returned::
     ├── Cancelled                   CANCELLED
     ├── Unknown                     UNKNOWN
     ├── InvalidArgument             INVALID_ARGUMENT    bad input, loss, layer or parameter name
-    ├── DeadlineExceeded            DEADLINE_EXCEEDED   the call ran past its timeout
+    ├── DeadlineExceeded            DEADLINE_EXCEEDED   the call ran past, or could not meet, its timeout
     ├── NotFound                    NOT_FOUND
     ├── AlreadyExists               ALREADY_EXISTS
-    ├── PermissionDenied            PERMISSION_DENIED
-    ├── ResourceExhausted           RESOURCE_EXHAUSTED  e.g. a unary result over the server's cap
+    ├── PermissionDenied            PERMISSION_DENIED   the token lacks a scope the call needs
+    ├── ResourceExhausted           RESOURCE_EXHAUSTED  server overloaded (.retry_after), a unary
+    │                                                   result over the cap, a request too large
     ├── FailedPrecondition          FAILED_PRECONDITION
     ├── Aborted                     ABORTED
     ├── OutOfRange                  OUT_OF_RANGE
@@ -19,11 +20,12 @@ gRPC status code the server (or the gRPC runtime) returned::
     ├── Internal                    INTERNAL
     ├── Unavailable                 UNAVAILABLE         server unreachable or shutting down
     ├── DataLoss                    DATA_LOSS           also raised locally for a malformed stream
-    ├── Unauthenticated             UNAUTHENTICATED
+    ├── Unauthenticated             UNAUTHENTICATED     missing or invalid bearer token
     └── ClientClosedError           the Client was used after close(); no RPC was made (.code is None)
 
 The server attaches rich details (``google.rpc.BadRequest`` field violations,
-``google.rpc.ErrorInfo`` with domain ``"layergrad.dev"`` and a reason string)
+``google.rpc.ErrorInfo`` with domain ``"layergrad.dev"`` and a reason string,
+``google.rpc.RetryInfo`` when the server is overloaded)
 in the ``grpc-status-details-bin`` trailer; :func:`from_grpc_error` decodes them
 into :attr:`LayergradError.details`.
 
@@ -138,6 +140,14 @@ class LayergradError(Exception):
         return info.domain if info is not None and info.domain else None
 
     @property
+    def retry_after(self) -> float | None:
+        """Seconds the server asks to wait before retrying (``google.rpc.RetryInfo``), or None."""
+        for detail in self.details:
+            if isinstance(detail, error_details_pb2.RetryInfo):
+                return detail.retry_delay.seconds + detail.retry_delay.nanos / 1e9
+        return None
+
+    @property
     def field_violations(self) -> list[tuple[str, str]]:
         """Every ``BadRequest`` field violation as a ``(field, description)`` pair."""
         return [
@@ -191,7 +201,8 @@ class PermissionDenied(LayergradError):
 
 
 class ResourceExhausted(LayergradError):
-    """A limit was hit: batch size, message size or the unary response cap."""
+    """A limit was hit: the server is overloaded (see ``retry_after``), the request is too large,
+    or a result is over the unary response cap."""
 
     grpc_status_code = grpc.StatusCode.RESOURCE_EXHAUSTED
 

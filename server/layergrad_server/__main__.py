@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(config.log_format, config.log_level)
 
     # Imported after logging is set up: importing Chainer is slow and may warn.
+    from layergrad_server.auth import TokenFileError
     from layergrad_server.engine import WeightsSource
     from layergrad_server.server import GradientServer
     from layergrad_server.weights import WeightsError, resolve_weights
@@ -61,7 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
 
-    server = GradientServer(config)
+    try:
+        server = GradientServer(config)
+    except (TokenFileError, OSError) as error:
+        logger.error("cannot start: %s", error)
+        return 2
     server.start()
     try:
         resolved = resolve_weights(config.weights)

@@ -21,11 +21,33 @@ class ServerConfig:
     stream_chunk_bytes: int = 1 * MIB
     max_request_bytes: int = 64 * MIB
     max_batch_size: int = 32
-    threads: int = 8
+    compute_slots: int = 1
+    max_queue: int = 8
+    threads: int = 0  # 0: compute_slots + max_queue + SPARE_THREADS
     grace_seconds: float = 10.0
     image_limits: ImageLimits = dataclasses.field(default_factory=ImageLimits)
     log_format: str = "text"
     log_level: str = "INFO"
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    tokens_file: str | None = None
+    tokens: str | None = dataclasses.field(default=None, repr=False)  # $LAYERGRAD_TOKENS
+
+    @property
+    def handler_threads(self) -> int:
+        """gRPC handler threads: more than compute calls can ever hold, so cheap calls always run."""
+        return self.threads or self.compute_slots + self.max_queue + SPARE_THREADS
+
+    @property
+    def max_concurrent_rpcs(self) -> int:
+        """Calls the server holds at once (running or waiting for a thread); more are RESOURCE_EXHAUSTED."""
+        return 4 * self.handler_threads
+
+
+# Handler threads beyond those admitted compute calls can hold: for health checks,
+# GetModelInfo and refusing calls over the limits.
+SPARE_THREADS = 4
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -70,10 +92,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-batch-size", type=int, default=int(_env("MAX_BATCH_SIZE", str(defaults.max_batch_size)))
     )
     parser.add_argument(
+        "--compute-slots",
+        type=int,
+        default=int(_env("COMPUTE_SLOTS", str(defaults.compute_slots))),
+        help="calls computing at once (default %(default)s: compute is serialised in one process)",
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=int(_env("MAX_QUEUE", str(defaults.max_queue))),
+        help="calls waiting for a compute slot; beyond, RESOURCE_EXHAUSTED at once (default %(default)s)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=int(_env("THREADS", str(defaults.threads))),
-        help="gRPC handler threads",
+        help="gRPC handler threads, more than compute slots + queue (default: slots + queue + "
+        f"{SPARE_THREADS})",
     )
     parser.add_argument(
         "--grace",
@@ -90,6 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-format", choices=["text", "json"], default=_env("LOG_FORMAT", defaults.log_format)
     )
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", defaults.log_level))
+    parser.add_argument("--tls-cert", default=_env("TLS_CERT"), help="PEM certificate chain: serve TLS")
+    parser.add_argument("--tls-key", default=_env("TLS_KEY"), help="PEM private key of --tls-cert")
+    parser.add_argument(
+        "--tls-client-ca",
+        default=_env("TLS_CLIENT_CA"),
+        help="PEM CA certificates: require client certificates signed by them (mutual TLS)",
+    )
+    parser.add_argument(
+        "--tokens-file",
+        default=_env("TOKENS_FILE"),
+        help="bearer tokens and their scopes, one '<token|sha256:HEX> <scope,...> # name' a line "
+        "(also $LAYERGRAD_TOKENS; tokens are never taken from the command line)",
+    )
     return parser
 
 
@@ -100,10 +148,21 @@ def from_args(args: argparse.Namespace) -> ServerConfig:
         "stream_chunk_bytes",
         "max_request_bytes",
         "max_batch_size",
-        "threads",
+        "compute_slots",
     ):
         if getattr(args, name) <= 0:
             raise SystemExit(f"layergrad-server: --{name.replace('_', '-')} must be positive")
+    if args.max_queue < 0 or args.threads < 0:
+        raise SystemExit("layergrad-server: --max-queue and --threads must not be negative")
+    if args.threads and args.threads <= args.compute_slots + args.max_queue:
+        raise SystemExit(
+            f"layergrad-server: --threads {args.threads} must exceed --compute-slots + --max-queue "
+            f"({args.compute_slots + args.max_queue}), or health checks could wait behind compute"
+        )
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("layergrad-server: --tls-cert and --tls-key go together")
+    if args.tls_client_ca and not args.tls_cert:
+        raise SystemExit("layergrad-server: --tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
     return ServerConfig(
         address=args.address,
         weights=args.weights,
@@ -111,9 +170,16 @@ def from_args(args: argparse.Namespace) -> ServerConfig:
         stream_chunk_bytes=args.stream_chunk_bytes,
         max_request_bytes=args.max_request_bytes,
         max_batch_size=args.max_batch_size,
+        compute_slots=args.compute_slots,
+        max_queue=args.max_queue,
         threads=args.threads,
         grace_seconds=args.grace,
         image_limits=ImageLimits(max_pixels=args.max_image_pixels),
         log_format=args.log_format,
         log_level=args.log_level.upper(),
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        tokens_file=args.tokens_file,
+        tokens=os.environ.get("LAYERGRAD_TOKENS"),
     )

@@ -5,6 +5,10 @@ against the model and sizes its result without computing; ``Engine.gradients``
 runs it. Every forward pass runs with ``chainer.config.train = False`` (no
 dropout), so results are deterministic. Parameters' ``.grad`` is shared state,
 so compute is serialised by one lock per engine.
+
+Compute methods take an optional ``checkpoint`` callback, called before every
+function of the forward and backward passes (a Chainer function hook); what it
+raises (the caller went away, the deadline passed) stops the computation there.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import hashlib
 import io
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import chainer  # importable on numpy 2: the package __init__ applied the shim
 import chainer.functions as F  # noqa: N812
@@ -222,6 +227,35 @@ _CONV_CHANNELS = [
     ("conv4_1", 512), ("conv4_2", 512), ("conv4_3", 512),
     ("conv5_1", 512), ("conv5_2", 512), ("conv5_3", 512),
 ]  # fmt: skip
+
+
+Checkpoint = Callable[[], None]
+
+
+class _CheckpointHook(chainer.FunctionHook):
+    """Calls ``checkpoint`` before each function node runs forward or backward."""
+
+    name = "layergrad-checkpoint"
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        self._checkpoint = checkpoint
+
+    def forward_preprocess(self, function: object, in_data: object) -> None:
+        self._checkpoint()
+
+    def backward_preprocess(self, function: object, in_data: object, out_grad: object) -> None:
+        self._checkpoint()
+
+
+@contextmanager
+def _checkpoints(checkpoint: Checkpoint | None) -> Iterator[None]:
+    """Installs ``checkpoint`` for this thread's Chainer calls in the block (none if None)."""
+    if checkpoint is None:
+        yield
+        return
+    checkpoint()
+    with _CheckpointHook(checkpoint):
+        yield
 
 
 class Engine:
@@ -447,20 +481,35 @@ class Engine:
     # ---- compute ---------------------------------------------------------------
 
     def predict(
-        self, inputs: np.ndarray, layers: Sequence[str], output_dtype: np.dtype
+        self,
+        inputs: np.ndarray,
+        layers: Sequence[str],
+        output_dtype: np.dtype,
+        *,
+        checkpoint: Checkpoint | None = None,
     ) -> list[ResultTensor]:
         """Forward only, like ``VGG16Layers.extract``: the requested layers' outputs."""
         names = self.check_predict(inputs, layers, output_dtype)
-        with self._lock, chainer.using_config("train", False), chainer.using_config("enable_backprop", False):
+        with (
+            self._lock,
+            chainer.using_config("train", False),
+            chainer.using_config("enable_backprop", False),
+            _checkpoints(checkpoint),
+        ):
             acts = self.net.forward(inputs, layers=list(names))
         return [
             ResultTensor(n, Kind.ACTIVATION, acts[n].array.astype(output_dtype, copy=False)) for n in names
         ]
 
-    def gradients(self, plan: Plan) -> GradientResult:
+    def gradients(self, plan: Plan, *, checkpoint: Checkpoint | None = None) -> GradientResult:
         """Runs a planned query with the requested backward pattern."""
         query = plan.query
-        with self._lock, chainer.using_config("train", False), chainer.using_config("enable_backprop", True):
+        with (
+            self._lock,
+            chainer.using_config("train", False),
+            chainer.using_config("enable_backprop", True),
+            _checkpoints(checkpoint),
+        ):
             x = chainer.Variable(query.inputs)
             wanted = {plan.loss_layer, *plan.layers, *query.activations}
             acts = self.net.forward(x, layers=sorted(wanted, key=self._layer_index.__getitem__))

@@ -3,8 +3,9 @@
 Every error a caller can cause is a ``LayergradError`` subclass carrying the
 gRPC status it maps to (by name, so this module needs no grpc), a stable
 machine-readable ``reason`` and, where one request field is at fault, that
-field's path (``loss.class_score.classes``). ``interceptors.py`` turns them into
-gRPC statuses with google.rpc details; anything else becomes INTERNAL.
+field's path (``loss.class_score.classes``) and, when retrying later may work, a
+retry delay. ``interceptors.py`` turns them into gRPC statuses with google.rpc
+details; anything else becomes INTERNAL.
 """
 
 from __future__ import annotations
@@ -16,11 +17,19 @@ class LayergradError(Exception):
     status = "INTERNAL"
     default_reason = "INTERNAL"
 
-    def __init__(self, message: str, *, field: str | None = None, reason: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        reason: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.field = field
         self.reason = reason or self.default_reason
+        self.retry_after = retry_after
 
 
 class InvalidArgument(LayergradError):
@@ -35,6 +44,41 @@ class ResultTooLarge(LayergradError):
 
     status = "RESOURCE_EXHAUSTED"
     default_reason = "RESULT_TOO_LARGE"
+
+
+class Overloaded(LayergradError):
+    """Every compute slot and queue place is taken; ``retry_after`` says when to retry."""
+
+    status = "RESOURCE_EXHAUSTED"
+    default_reason = "OVERLOADED"
+
+
+class DeadlineExceeded(LayergradError):
+    """The call's deadline passed, or cannot be met, before its result was ready."""
+
+    status = "DEADLINE_EXCEEDED"
+    default_reason = "DEADLINE_EXCEEDED"
+
+
+class Cancelled(LayergradError):
+    """The caller went away; the call's work was stopped."""
+
+    status = "CANCELLED"
+    default_reason = "CANCELLED"
+
+
+class Unauthenticated(LayergradError):
+    """The call carries no valid bearer token."""
+
+    status = "UNAUTHENTICATED"
+    default_reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(LayergradError):
+    """The caller's token lacks a scope the call needs."""
+
+    status = "PERMISSION_DENIED"
+    default_reason = "MISSING_SCOPE"
 
 
 class Unavailable(LayergradError):

@@ -1,15 +1,23 @@
-"""Image decoding with limits checked before any pixel is decoded."""
+"""Image decoding with limits checked before any pixel is decoded.
+
+The pixel limit is ours (``--max-image-pixels``), checked on the header's
+dimensions; Pillow's own process-wide decompression-bomb limit
+(``Image.MAX_IMAGE_PIXELS``, which warns above 89M pixels and refuses above
+179M) is turned off here, so that one limit applies, with one error
+(``IMAGE_TOO_LARGE``).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import io
-import warnings
 
 import numpy as np
 from PIL import Image
 
 from layergrad_server.errors import InvalidArgument
+
+Image.MAX_IMAGE_PIXELS = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,28 +38,35 @@ def decode(data: bytes, field: str, limits: ImageLimits) -> Image.Image:
     if not data:
         raise InvalidArgument("encoded_image is empty", field=field, reason="EMPTY_IMAGE")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=list(limits.formats))
-    except (
-        Image.UnidentifiedImageError,
-        Image.DecompressionBombError,
-        Image.DecompressionBombWarning,
-        OSError,
-    ):
-        raise InvalidArgument(
-            f"encoded_image is not a readable image of an accepted format ({', '.join(limits.formats)})",
-            field=field,
-            reason="UNDECODABLE_IMAGE",
-        ) from None
+        image = Image.open(io.BytesIO(data), formats=list(limits.formats))
+    except (Image.UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        claimed = _signature_format(data)
+        if claimed in limits.formats:
+            message = f"encoded_image is a corrupt or truncated {claimed}"
+        else:
+            message = (
+                f"encoded_image is not a readable image of an accepted format ({', '.join(limits.formats)})"
+            )
+        raise InvalidArgument(message, field=field, reason="UNDECODABLE_IMAGE") from None
     _check_pixels(image.width, image.height, field, limits)
     try:
         image.load()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError, EOFError):
         raise InvalidArgument(
             f"encoded_image is a corrupt or truncated {image.format}", field=field, reason="UNDECODABLE_IMAGE"
         ) from None
-    return image.convert("RGB")
+
+
+_SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG"}
+
+
+def _signature_format(data: bytes) -> str | None:
+    """The format the first bytes claim, or None."""
+    for signature, name in _SIGNATURES.items():
+        if data.startswith(signature):
+            return name
+    return None
 
 
 def from_rgb_array(array: np.ndarray, field: str, limits: ImageLimits) -> Image.Image:

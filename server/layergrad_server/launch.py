@@ -24,8 +24,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 class ServerProcess:
     """A ``python -m layergrad_server`` child listening on 127.0.0.1:<free port>."""
 
-    def __init__(self, args: list[str], log_path: pathlib.Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        log_path: pathlib.Path,
+        env: dict[str, str] | None = None,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        """Starts the server; ``credentials`` are those health checks connect with (TLS servers)."""
         self.log_path = log_path
+        self.credentials = credentials
         self._log = open(log_path, "wb")
         child_env = {**os.environ, **(env or {})}
         self.process = subprocess.Popen(
@@ -57,7 +66,11 @@ class ServerProcess:
         raise TimeoutError(f"server did not report its port:\n{self.log()}")
 
     def health(self, service: str = "") -> int:
-        with grpc.insecure_channel(self.address) as channel:
+        if self.credentials is None:
+            channel = grpc.insecure_channel(self.address)
+        else:
+            channel = grpc.secure_channel(self.address, self.credentials)
+        with channel:
             stub = health_pb2_grpc.HealthStub(channel)
             return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
 

@@ -1,4 +1,5 @@
-"""Assembles the gRPC server: GradientService, health, reflection, error mapping."""
+"""Assembles the gRPC server: GradientService, health, reflection, error mapping,
+admission control, TLS and bearer tokens."""
 
 from __future__ import annotations
 
@@ -13,14 +14,63 @@ from grpc_reflection.v1alpha import reflection
 from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
 from layergrad._gen.layergrad.v1 import gradient_service_pb2_grpc as pb_grpc
 
+from layergrad_server.admission import Admission
+from layergrad_server.auth import TokenStore
 from layergrad_server.config import MIB, ServerConfig
 from layergrad_server.engine import Engine, WeightsSource
-from layergrad_server.interceptors import ErrorInterceptor
+from layergrad_server.interceptors import AuthInterceptor, ErrorInterceptor
 from layergrad_server.servicer import GradientServicer
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GradientService"].full_name
+
+# Connection management. The server pings a connection every minute while calls
+# are open, so a client that vanished without closing its socket is noticed
+# (and its call stopped) within about 80 s; it lets clients ping as often as
+# every 10 s (more often is answered with GOAWAY); it closes connections idle
+# for 10 minutes and, to rebalance long-lived clients across servers, any
+# connection after 30 minutes, giving the calls on it 5 more minutes to finish.
+KEEPALIVE_OPTIONS = (
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 0),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 2),
+    ("grpc.max_connection_idle_ms", 600_000),
+    ("grpc.max_connection_age_ms", 1_800_000),
+    ("grpc.max_connection_age_grace_ms", 300_000),
+)
+
+
+def load_tokens(config: ServerConfig) -> TokenStore | None:
+    """The tokens of ``--tokens-file`` and ``$LAYERGRAD_TOKENS`` together, or None if neither is set."""
+    stores = []
+    if config.tokens_file:
+        stores.append(TokenStore.from_file(config.tokens_file))
+    if config.tokens:
+        stores.append(TokenStore.parse(config.tokens, "$LAYERGRAD_TOKENS"))
+    if not stores:
+        return None
+    return TokenStore([entry for store in stores for entry in store.entries])
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from the config (client certificates required with a client CA), or None."""
+    if not config.tls_cert or not config.tls_key:
+        return None
+    return grpc.ssl_server_credentials(
+        [(_read(config.tls_key), _read(config.tls_cert))],
+        root_certificates=_read(config.tls_client_ca) if config.tls_client_ca else None,
+        require_client_auth=bool(config.tls_client_ca),
+    )
 
 
 class GradientServer:
@@ -32,16 +82,23 @@ class GradientServer:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
+        tokens = load_tokens(config)
+        interceptors: list[grpc.ServerInterceptor] = [ErrorInterceptor()]
+        if tokens is not None:
+            interceptors.insert(0, AuthInterceptor(tokens))
         self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="rpc"),
-            interceptors=[ErrorInterceptor()],
+            futures.ThreadPoolExecutor(max_workers=config.handler_threads, thread_name_prefix="rpc"),
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", config.max_request_bytes),
                 ("grpc.max_send_message_length", config.max_unary_response_bytes + MIB),
                 ("grpc.so_reuseport", 0),
+                *KEEPALIVE_OPTIONS,
             ],
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
-        self._servicer = GradientServicer(config)
+        self.admission = Admission(config.compute_slots, config.max_queue)
+        self._servicer = GradientServicer(config, self.admission)
         self._health = health.HealthServicer(experimental_non_blocking=True)
         pb_grpc.add_GradientServiceServicer_to_server(self._servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
@@ -49,9 +106,22 @@ class GradientServer:
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server
         )
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self._server.add_insecure_port(config.address)
+        credentials = server_credentials(config)
+        if credentials is None:
+            self.port = self._server.add_insecure_port(config.address)
+        else:
+            self.port = self._server.add_secure_port(config.address, credentials)
         if self.port == 0:
             raise RuntimeError(f"could not listen on {config.address}")
+        host = config.address.rsplit(":", 1)[0].strip("[]")
+        if tokens is not None and credentials is None and host not in ("127.0.0.1", "::1", "localhost"):
+            logger.warning(
+                "bearer tokens on a plaintext port (%s) travel in clear: serve TLS with --tls-cert/--tls-key",
+                config.address,
+            )
+        self._security = (
+            "plaintext" if credentials is None else "mutual TLS" if config.tls_client_ca else "TLS"
+        ) + ("" if tokens is None else f", {len(tokens)} bearer token(s)")
         self._stopped = threading.Event()
 
     @property
@@ -61,7 +131,15 @@ class GradientServer:
 
     def start(self) -> None:
         self._server.start()
-        logger.info("listening on %s (health NOT_SERVING until the model is ready)", self.address)
+        logger.info(
+            "listening on %s (%s; %d compute slot(s), queue %d, %d threads; health NOT_SERVING until "
+            "the model is ready)",
+            self.address,
+            self._security,
+            self.config.compute_slots,
+            self.config.max_queue,
+            self.config.handler_threads,
+        )
 
     def load(self, weights: WeightsSource) -> Engine:
         """Loads the model, runs one warm-up backward pass, then starts serving it."""
@@ -92,11 +170,27 @@ class GradientServer:
         self._health.set(SERVICE_NAME, status)
 
     def stop(self, grace: float | None = None) -> None:
-        """Stops taking calls, gives in-flight calls ``grace`` seconds, then closes."""
+        """Stops taking calls, gives in-flight calls ``grace`` seconds, then closes.
+
+        Health turns NOT_SERVING at once and new compute calls are UNAVAILABLE
+        (reason SHUTTING_DOWN), while the port stays open so that health checks
+        and retries get an answer; queued calls that cannot finish within the grace
+        are refused with UNAVAILABLE straight away, the others run. When every call
+        is done, or the grace is over (calls still running are then cancelled and
+        stop at their next checkpoint), the server closes.
+        """
         grace = self.config.grace_seconds if grace is None else grace
+        deadline = time.monotonic() + grace
         self._health.enter_graceful_shutdown()
         logger.info("shutting down; in-flight calls get %.1fs", grace)
-        self._server.stop(grace).wait()
+        self.admission.drain(deadline)
+        if not self.admission.wait_idle(deadline):
+            logger.warning(
+                "grace period over with %d call(s) unfinished; cancelling them", self.admission.admitted
+            )
+        # Only cheap calls (and endless health watches) remain when the admission is idle.
+        linger = min(max(deadline - time.monotonic(), 0.0), 2.0) if self.admission.admitted == 0 else 0.0
+        self._server.stop(linger).wait()
         self._stopped.set()
         logger.info("stopped")
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
+import time
 from collections.abc import Iterator
 
 import chainer
@@ -13,17 +15,22 @@ from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
 from layergrad._gen.layergrad.v1 import gradient_service_pb2_grpc as pb_grpc
 
 from layergrad_server import __version__, convert, engine
+from layergrad_server.admission import Admission, AdmittedCall
 from layergrad_server.config import ServerConfig
 from layergrad_server.errors import ResultTooLarge, Unavailable
 
 logger = logging.getLogger(__name__)
 
+# gRPC reports a call without a deadline as one centuries away.
+_NO_DEADLINE = 1e8
+
 
 class GradientServicer(pb_grpc.GradientServiceServicer):
     """Serves one ``Engine``."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, admission: Admission) -> None:
         self._config = config
+        self._admission = admission
         self._engine: engine.Engine | None = None
         self._model_info: pb.GetModelInfoResponse | None = None
 
@@ -41,27 +48,42 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
     def ComputeGradients(  # noqa: N802
         self, request: pb.ComputeGradientsRequest, context: grpc.ServicerContext
     ) -> pb.ComputeGradientsResponse:
-        plan = self._plan(request)
-        if plan.result_bytes > self._config.max_unary_response_bytes:
-            raise ResultTooLarge(
-                f"the result is {plan.result_bytes} bytes, above the unary limit of "
-                f"{self._config.max_unary_response_bytes} bytes; use StreamGradients, which streams any size",
-                reason="USE_STREAM_GRADIENTS",
-            )
-        return convert.gradients_response(self._model.gradients(plan))
+        model = self._model
+        with self._admit(f"gradients/{request.pattern}", request, context) as call:
+            plan = self._plan(model, request)
+            if plan.result_bytes > self._config.max_unary_response_bytes:
+                raise ResultTooLarge(
+                    f"the result is {plan.result_bytes} bytes, above the unary limit of "
+                    f"{self._config.max_unary_response_bytes} bytes; use StreamGradients, which streams "
+                    "any size",
+                    reason="USE_STREAM_GRADIENTS",
+                )
+            with call.computing():
+                result = model.gradients(plan, checkpoint=call.checkpoint)
+            return convert.gradients_response(result)
 
     def StreamGradients(  # noqa: N802
         self, request: pb.StreamGradientsRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.StreamGradientsResponse]:
-        result = self._model.gradients(self._plan(request))
-        yield from convert.gradient_chunks(result, self._config.stream_chunk_bytes)
+        model = self._model
+        with self._admit(f"gradients/{request.pattern}", request, context) as call:
+            plan = self._plan(model, request)
+            with call.computing():
+                result = model.gradients(plan, checkpoint=call.checkpoint)
+            for chunk in convert.gradient_chunks(result, self._config.stream_chunk_bytes):
+                call.checkpoint()  # stop sending once the caller is gone
+                yield chunk
 
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:  # noqa: N802
-        batch = convert.inputs_to_batch(
-            request.inputs, self._config.image_limits, self._config.max_batch_size
-        )
-        dtype = convert.output_dtype(request.output_dtype)
-        return convert.predict_response(self._model.predict(batch, tuple(request.layers), dtype))
+        model = self._model
+        with self._admit("predict", request, context) as call:
+            batch = convert.inputs_to_batch(
+                request.inputs, self._config.image_limits, self._config.max_batch_size
+            )
+            dtype = convert.output_dtype(request.output_dtype)
+            with call.computing():
+                result = model.predict(batch, tuple(request.layers), dtype, checkpoint=call.checkpoint)
+            return convert.predict_response(result)
 
     def GetModelInfo(  # noqa: N802
         self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext
@@ -70,9 +92,22 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             raise Unavailable("the model is still loading; retry shortly", reason="MODEL_LOADING")
         return self._model_info
 
-    def _plan(self, request: pb.ComputeGradientsRequest | pb.StreamGradientsRequest) -> engine.Plan:
+    def _admit(
+        self,
+        kind: str,
+        request: pb.ComputeGradientsRequest | pb.StreamGradientsRequest | pb.PredictRequest,
+        context: grpc.ServicerContext,
+    ) -> contextlib.AbstractContextManager[AdmittedCall]:
+        """A place among the admitted calls (before decoding anything), or a refusal."""
+        remaining = context.time_remaining()
+        deadline = None if remaining is None or remaining > _NO_DEADLINE else time.monotonic() + remaining
+        return self._admission.enter(kind, len(request.inputs), deadline, context.is_active)
+
+    def _plan(
+        self, model: engine.Engine, request: pb.ComputeGradientsRequest | pb.StreamGradientsRequest
+    ) -> engine.Plan:
         query = convert.query_from_proto(request, self._config.image_limits, self._config.max_batch_size)
-        return self._model.plan(query)
+        return model.plan(query)
 
     def _describe(self, model: engine.Engine) -> pb.GetModelInfoResponse:
         weights = model.weights
