@@ -147,3 +147,11 @@ def test_numpy_shim_lets_chainer_import_without_sctypes_or_numpy_distutils():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok 7.8.1"
+
+
+def test_unusable_device_fails_at_start_with_a_clear_message(tmp_path):
+    process = ServerProcess(["--weights", "random:0", "--device", "@cupy:0"], tmp_path / "server.log")
+    assert process.process.wait(120) == 2
+    assert "cannot use device @cupy:0" in process.log()
+    assert "Traceback" not in process.log()
+    process.terminate()

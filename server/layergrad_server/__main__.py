@@ -88,7 +88,12 @@ def main(argv: list[str] | None = None) -> int:
             weights.source,
         )
     if not stop_requested.is_set():
-        server.load(weights)
+        try:
+            server.load(weights)
+        except (ValueError, RuntimeError) as error:  # a bad or unusable --device
+            logger.error("cannot use device %s: %s", config.device, error)
+            server.stop(0)
+            return 2
     while not stop_requested.wait(0.5):
         pass
     server.stop()

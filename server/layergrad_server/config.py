@@ -21,6 +21,7 @@ class ServerConfig:
     stream_chunk_bytes: int = 1 * MIB
     max_request_bytes: int = 64 * MIB
     max_batch_size: int = 32
+    device: str = "@numpy"
     compute_slots: int = 1
     max_queue: int = 8
     threads: int = 0  # 0: compute_slots + max_queue + SPARE_THREADS
@@ -72,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("WEIGHTS"),
         help="PATH.npz (Chainer VGG16Layers layout), PATH.caffemodel, 'auto' (cached or downloaded "
         "pretrained weights) or 'random:SEED'; default: cached pretrained weights, else random:0",
+    )
+    parser.add_argument(
+        "--device",
+        default=_env("DEVICE", defaults.device),
+        help="Chainer device specifier: '@numpy' (CPU, default) or '@cupy:N' (GPU N, needs CuPy)",
     )
     parser.add_argument(
         "--max-unary-response-bytes",
@@ -166,6 +172,7 @@ def from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         address=args.address,
         weights=args.weights,
+        device=args.device,
         max_unary_response_bytes=args.max_unary_response_bytes,
         stream_chunk_bytes=args.stream_chunk_bytes,
         max_request_bytes=args.max_request_bytes,

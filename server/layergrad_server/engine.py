@@ -261,8 +261,10 @@ def _checkpoints(checkpoint: Checkpoint | None) -> Iterator[None]:
 class Engine:
     """Holds one VGG16Layers and computes gradients and activations."""
 
-    def __init__(self, weights: WeightsSource, *, max_batch_size: int = 32) -> None:
+    def __init__(self, weights: WeightsSource, *, max_batch_size: int = 32, device: str = "@numpy") -> None:
         self.weights = weights
+        # A Chainer device specifier: "@numpy" (CPU), "@cupy:0" (GPU 0, needs CuPy).
+        self.device = chainer.get_device(device)
         self.max_batch_size = max_batch_size
         self._lock = threading.Lock()
         if weights.npz_path is not None:
@@ -271,6 +273,7 @@ class Engine:
             self.net = vgg.VGG16Layers(pretrained_model=random_weights_npz(weights.random_seed))
         else:
             raise ValueError("weights need an npz path or a random seed")
+        self.net.to_device(self.device)
         self.layer_names: tuple[str, ...] = tuple(self.net.available_layers)
         self._layer_index = {name: i for i, name in enumerate(self.layer_names)}
         self._params = {
@@ -294,13 +297,13 @@ class Engine:
         digest = hashlib.sha256()
         for name, param in self._params.items():
             digest.update(name.encode())
-            digest.update(np.ascontiguousarray(param.array, dtype="<f4").tobytes())
+            digest.update(np.ascontiguousarray(_to_host(param.array), dtype="<f4").tobytes())
         return digest.hexdigest()
 
     def warm_up(self) -> None:
         """Runs one forward and backward pass on a zero image; records layer output shapes."""
-        x = chainer.Variable(np.zeros((1, *INPUT_SHAPE), dtype=np.float32))
-        with self._lock, chainer.using_config("train", False):
+        x = chainer.Variable(self.device.xp.zeros((1, *INPUT_SHAPE), dtype=np.float32))
+        with self._lock, chainer.using_config("train", False), chainer.using_device(self.device):
             acts = self.net.forward(x, layers=list(self.layer_names))
             chainer.grad([F.sum(acts["prob"])], [x])
         self.layer_shapes = {name: tuple(acts[name].shape[1:]) for name in self.layer_names}
@@ -494,12 +497,12 @@ class Engine:
             self._lock,
             chainer.using_config("train", False),
             chainer.using_config("enable_backprop", False),
+            chainer.using_device(self.device),
             _checkpoints(checkpoint),
         ):
-            acts = self.net.forward(inputs, layers=list(names))
-        return [
-            ResultTensor(n, Kind.ACTIVATION, acts[n].array.astype(output_dtype, copy=False)) for n in names
-        ]
+            acts = self.net.forward(self.device.send(inputs), layers=list(names))
+            arrays = {n: _to_host(acts[n].array) for n in names}
+        return [ResultTensor(n, Kind.ACTIVATION, arrays[n].astype(output_dtype, copy=False)) for n in names]
 
     def gradients(self, plan: Plan, *, checkpoint: Checkpoint | None = None) -> GradientResult:
         """Runs a planned query with the requested backward pattern."""
@@ -508,9 +511,10 @@ class Engine:
             self._lock,
             chainer.using_config("train", False),
             chainer.using_config("enable_backprop", True),
+            chainer.using_device(self.device),
             _checkpoints(checkpoint),
         ):
-            x = chainer.Variable(query.inputs)
+            x = chainer.Variable(self.device.send(query.inputs))
             wanted = {plan.loss_layer, *plan.layers, *query.activations}
             acts = self.net.forward(x, layers=sorted(wanted, key=self._layer_index.__getitem__))
             root, root_grad, loss_value = self._objective(query.loss, acts[plan.loss_layer])
@@ -518,22 +522,23 @@ class Engine:
                 grads = self._run_grad(plan, x, acts, root, root_grad)
             else:
                 grads = self._run_backward(plan, x, acts, root, root_grad)
-        tensors = []
-        for spec in plan.results:
-            if spec.kind is Kind.ACTIVATION:
-                array = acts[spec.name].array
-            else:
-                array = grads[spec.name]
-            tensors.append(ResultTensor(spec.name, spec.kind, array.astype(spec.dtype, copy=False)))
+            arrays = [
+                _to_host(acts[spec.name].array if spec.kind is Kind.ACTIVATION else grads[spec.name])
+                for spec in plan.results
+            ]
+        tensors = [
+            ResultTensor(spec.name, spec.kind, array.astype(spec.dtype, copy=False))
+            for spec, array in zip(plan.results, arrays, strict=True)
+        ]
         return GradientResult(tensors, loss_value)
 
-    @staticmethod
     def _objective(
-        loss: Loss, y: chainer.Variable
+        self, loss: Loss, y: chainer.Variable
     ) -> tuple[chainer.Variable, np.ndarray | None, float | None]:
         """(variable to backpropagate from, its upstream gradient or None, loss value)."""
+        send = self.device.send
         if isinstance(loss, UpstreamGradient):
-            return y, loss.gradient, None
+            return y, send(loss.gradient), None
         if isinstance(loss, SumOfSquares):
             value = F.sum(F.square(y))
         elif isinstance(loss, SquaredError):
@@ -542,11 +547,11 @@ class Engine:
             else:
                 target = np.zeros(y.shape, dtype=y.dtype)
                 target[np.arange(y.shape[0]), loss.target_classes] = 1
-            value = F.sum(F.square(y - target))
+            value = F.sum(F.square(y - send(target)))
         elif isinstance(loss, SoftmaxCrossEntropy):
-            value = F.softmax_cross_entropy(y, loss.labels.astype(np.int32))
+            value = F.softmax_cross_entropy(y, send(loss.labels.astype(np.int32)))
         else:
-            value = F.sum(F.select_item(y, loss.classes.astype(np.int32)))
+            value = F.sum(F.select_item(y, send(loss.classes.astype(np.int32))))
         return value, None, float(value.array)
 
     def _run_backward(
@@ -574,7 +579,7 @@ class Engine:
 
     def _param_grad(self, name: str) -> np.ndarray:
         param = self._params[name]
-        return param.grad if param.grad is not None else np.zeros_like(param.array)
+        return param.grad if param.grad is not None else self.device.xp.zeros_like(param.array)
 
     def _run_grad(
         self,
@@ -597,8 +602,13 @@ class Engine:
             elif variable is root and root_grad is not None:
                 grads[name] = root_grad  # d root / d root applied to the upstream gradient
             else:
-                grads[name] = np.zeros_like(variable.array)
+                grads[name] = self.device.xp.zeros_like(variable.array)
         return grads
+
+
+def _to_host(array: object) -> np.ndarray:
+    """A device array as a numpy array (no copy when it already is one)."""
+    return chainer.backend.CpuDevice().send(array)
 
 
 def _param_order_key(item: tuple[str, chainer.Parameter]) -> tuple[int, int]:

@@ -144,7 +144,7 @@ class GradientServer:
     def load(self, weights: WeightsSource) -> Engine:
         """Loads the model, runs one warm-up backward pass, then starts serving it."""
         started = time.perf_counter()
-        model = Engine(weights, max_batch_size=self.config.max_batch_size)
+        model = Engine(weights, max_batch_size=self.config.max_batch_size, device=self.config.device)
         loaded = time.perf_counter()
         model.warm_up()
         self.attach(model)

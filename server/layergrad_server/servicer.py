@@ -139,7 +139,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
                 "grpcio": grpc.__version__,
                 "python": platform.python_version(),
             },
-            device="@numpy",
+            device=str(model.device),
             max_unary_response_bytes=self._config.max_unary_response_bytes,
             stream_chunk_bytes=self._config.stream_chunk_bytes,
             max_batch_size=self._config.max_batch_size,
