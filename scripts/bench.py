@@ -1,0 +1,1292 @@
+"""Benchmark of the layergrad service against the same Chainer code run in-process.
+
+Run with ``make bench`` (or ``.venv/bin/python scripts/bench.py``). The script
+
+* writes seeded random VGG16 weights to a temporary npz and starts its own
+  ``python -m layergrad_server`` on a free loopback port with them;
+* loads the same npz into an in-process Chainer ``VGG16Layers``;
+* times every case both ways, side by side and interleaved (warm-up first,
+  ``time.perf_counter``, medians over ``--repeat`` repetitions), and reports
+  service / in-process ratios;
+* measures GetModelInfo latency, concurrent-client throughput, the bytes/s of
+  the full parameter-gradient download, and peak memory of server and client;
+* prints a table and a "targets" section and writes everything as JSON
+  (``--out``, default ``bench-results/bench.json``).
+
+PyTorch (optional, ``pip install torch==2.13.0``) runs the same network on the
+CPU as an outside reference for the input gradient, in a child process so that
+its thread pool does not disturb the other measurements. The client's peak
+memory is measured in a child process too, which imports only the SDK.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import pathlib
+import platform
+import re
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+for _path in (ROOT / "client", ROOT / "server"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+import grpc  # noqa: E402
+import layergrad  # noqa: E402
+
+SEED = 0
+CLASS = 7
+DEFAULT_OUT = ROOT / "bench-results" / "bench.json"
+TORCH_HINT = "torch not installed (pip install torch==2.13.0)"
+ENV_VARS = (
+    "OPENBLAS_CORETYPE",
+    "OPENBLAS_L2_SIZE",
+    "OPENBLAS_NUM_THREADS",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+)
+VGG_CONVS = (
+    ("conv1_1", 3, 64),
+    ("conv1_2", 64, 64),
+    ("conv2_1", 64, 128),
+    ("conv2_2", 128, 128),
+    ("conv3_1", 128, 256),
+    ("conv3_2", 256, 256),
+    ("conv3_3", 256, 256),
+    ("conv4_1", 256, 512),
+    ("conv4_2", 512, 512),
+    ("conv4_3", 512, 512),
+    ("conv5_1", 512, 512),
+    ("conv5_2", 512, 512),
+    ("conv5_3", 512, 512),
+)
+VGG_FCS = (("fc6", 512 * 7 * 7, 4096), ("fc7", 4096, 4096), ("fc8", 4096, 1000))
+POOL_AFTER = {"conv1_2", "conv2_2", "conv3_3", "conv4_3", "conv5_3"}
+
+
+# ---- small helpers ------------------------------------------------------------------
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else math.nan
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else math.nan
+
+
+def proc_status(pid: int | str = "self") -> dict[str, int]:
+    """VmRSS / VmHWM of a process in bytes (Linux /proc)."""
+    out: dict[str, int] = {}
+    try:
+        text = pathlib.Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return out
+    for key in ("VmRSS", "VmHWM"):
+        match = re.search(rf"^{key}:\s+(\d+) kB", text, re.MULTILINE)
+        if match:
+            out[key] = int(match.group(1)) * 1024
+    return out
+
+
+class CpuMeter:
+    """How much CPU other processes on the machine used while a section ran.
+
+    Busy time of the whole machine (/proc/stat) minus the CPU time of this process,
+    its finished children and the server. Other work on the machine slows both sides
+    of a comparison, not always equally, so it is reported with every section.
+    """
+
+    def __init__(self, server_pid: int | None = None) -> None:
+        self.server_pid = server_pid
+        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def _machine_busy_s(self) -> float:
+        try:
+            fields = pathlib.Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        except OSError:
+            return math.nan
+        values = [int(v) for v in fields]
+        idle = values[3] + (values[4] if len(values) > 4 else 0)
+        guest = sum(values[8:10]) if len(values) > 9 else 0  # already counted in user/nice
+        return (sum(values) - idle - guest) / self._tick
+
+    def _own_s(self) -> float:
+        total = 0.0
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+            usage = resource.getrusage(who)
+            total += usage.ru_utime + usage.ru_stime
+        if self.server_pid is not None:
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = pathlib.Path(f"/proc/{self.server_pid}/stat").read_text()
+                fields = stat.rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / self._tick
+        return total
+
+    def snapshot(self) -> tuple[float, float, float]:
+        return time.perf_counter(), self._machine_busy_s(), self._own_s()
+
+    @staticmethod
+    def other_cpus(start: tuple[float, float, float], end: tuple[float, float, float]) -> float:
+        """Average number of CPUs kept busy by other processes between two snapshots."""
+        wall = end[0] - start[0]
+        if wall <= 0:
+            return math.nan
+        return max(0.0, ((end[1] - start[1]) - (end[2] - start[2])) / wall)
+
+
+class Sections:
+    """Consecutive named sections of the run, each with the CPU other processes used meanwhile."""
+
+    def __init__(self, meter: CpuMeter) -> None:
+        self.meter = meter
+        self.background_cpus: dict[str, float] = {}
+        self._current: tuple[str, tuple[float, float, float]] | None = None
+
+    def start(self, name: str) -> None:
+        self.stop()
+        log(name)
+        self._current = (name, self.meter.snapshot())
+
+    def stop(self) -> None:
+        if self._current is not None:
+            name, begin = self._current
+            self.background_cpus[name] = self.meter.other_cpus(begin, self.meter.snapshot())
+            self._current = None
+
+
+def prepared_input() -> np.ndarray:
+    """A deterministic prepared batch of one: float32 (1, 3, 224, 224), BGR, mean subtracted."""
+    rng = np.random.default_rng(SEED + 1)
+    yy, xx = np.mgrid[0:224, 0:224].astype(np.float32)
+    channels = [
+        120 * np.sin(xx / rng.uniform(5, 30) + rng.uniform(0, 6)) * np.cos(yy / rng.uniform(5, 30))
+        for _ in range(3)
+    ]
+    image = np.stack(channels) + rng.normal(0, 8, size=(3, 224, 224))
+    return image.astype(np.float32)[None]
+
+
+def fmt_s(seconds: float) -> str:
+    if math.isnan(seconds):
+        return "-"
+    if seconds < 0.01:
+        return f"{seconds * 1e3:.3f} ms"
+    return f"{seconds:.3f} s"
+
+
+def fmt_bytes(count: float) -> str:
+    return f"{count / 1e6:.1f} MB"
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    start = time.perf_counter()
+    value = fn()
+    return time.perf_counter() - start, value
+
+
+def side_by_side(
+    a: Callable[[], Any],
+    b: Callable[[], Any],
+    repeat: int,
+    warmup: int,
+    meter: CpuMeter | None = None,
+    max_other_cpus: float = 0.25,
+) -> dict[str, Any]:
+    """Times ``a`` and ``b`` in pairs, alternating which goes first.
+
+    A pair during which other processes kept more than ``max_other_cpus`` CPUs busy
+    is set aside and measured again, up to ``repeat`` extra pairs; if quiet pairs
+    stay short, the least disturbed ``repeat`` pairs are used. Returns the samples,
+    the attempt index of each used pair, how many pairs were set aside, and the
+    warm-up results (for a correctness check).
+    """
+    ra = rb = None
+    for _ in range(warmup):
+        ra = a()
+        rb = b()
+    pairs: list[tuple[int, float, float, float]] = []  # (attempt, a seconds, b seconds, other CPUs)
+
+    def quiet() -> list[tuple[int, float, float, float]]:
+        return [p for p in pairs if not p[3] > max_other_cpus]
+
+    for attempt in range(2 * repeat):
+        if len(quiet()) >= repeat or (attempt >= repeat and meter is None):
+            break
+        begin = meter.snapshot() if meter is not None else None
+        order = (a, b) if attempt % 2 == 0 else (b, a)
+        times = {fn: timed(fn)[0] for fn in order}
+        other = meter.other_cpus(begin, meter.snapshot()) if meter is not None else 0.0
+        pairs.append((attempt, times[a], times[b], other))
+    used = quiet()[:repeat]
+    if len(used) < repeat:
+        used = sorted(sorted(pairs, key=lambda p: p[3])[:repeat])
+    return {
+        "a": [p[1] for p in used],
+        "b": [p[2] for p in used],
+        "attempts": [p[0] for p in used],
+        "other_cpus": [p[3] for p in used],
+        "set_aside": len(pairs) - len(used),
+        "result_a": ra,
+        "result_b": rb,
+    }
+
+
+def max_rel_diff(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> float:
+    """max |a - e| / max |e| over all tensors (0 = identical)."""
+    worst = 0.0
+    for name, exp in expected.items():
+        act = np.asarray(actual[name], dtype=np.float32)
+        exp = np.asarray(exp, dtype=np.float32)
+        if act.shape != exp.shape:
+            return math.inf
+        scale = float(np.abs(exp).max()) or 1.0
+        worst = max(worst, float(np.abs(act - exp).max()) / scale)
+    return worst
+
+
+def rel_l2_diff(actual: np.ndarray, expected: np.ndarray) -> float:
+    """||a - e|| / ||e||."""
+    diff = np.asarray(actual, dtype=np.float64) - np.asarray(expected, dtype=np.float64)
+    return float(np.linalg.norm(diff) / (np.linalg.norm(expected) or 1.0))
+
+
+# ---- machine description -------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    cpu_model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    mem_total = None
+    with contextlib.suppress(OSError, AttributeError):
+        match = re.search(r"^MemTotal:\s+(\d+) kB", pathlib.Path("/proc/meminfo").read_text(), re.MULTILINE)
+        mem_total = int(match.group(1)) * 1024
+    info: dict[str, Any] = {
+        "cpu_model": cpu_model,
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "memory_total_bytes": mem_total,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "grpcio": grpc.__version__,
+        "layergrad_sdk": getattr(layergrad, "__version__", "?"),
+        "env": {name: os.environ[name] for name in ENV_VARS if name in os.environ},
+    }
+    with contextlib.suppress(Exception):
+        import google.protobuf
+
+        info["protobuf"] = google.protobuf.__version__
+    info["blas"] = blas_info()
+    return info
+
+
+def blas_info() -> Any:
+    try:
+        from threadpoolctl import threadpool_info
+
+        return [
+            {
+                k: pool.get(k)
+                for k in ("internal_api", "version", "num_threads", "threading_layer", "architecture")
+            }
+            for pool in threadpool_info()
+        ]
+    except ImportError:
+        pass
+    try:
+        config = np.show_config(mode="dicts")
+        blas = config["Build Dependencies"]["blas"]
+        return {"source": "numpy.show_config", "name": blas.get("name"), "version": blas.get("version")}
+    except Exception as error:  # show_config's layout differs between numpy versions
+        return {"source": "numpy.show_config", "error": str(error)}
+
+
+def blas_summary(blas: Any) -> str:
+    if isinstance(blas, list):
+        parts = [
+            f"{p.get('internal_api')} {p.get('version')} ({p.get('num_threads')} threads, "
+            f"{p.get('architecture') or p.get('threading_layer')})"
+            for p in blas
+        ]
+        return "; ".join(parts) or "none found"
+    return f"{blas.get('name')} {blas.get('version')}"
+
+
+# ---- the server subprocess -----------------------------------------------------------
+
+
+class Server:
+    """``python -m layergrad_server`` on 127.0.0.1:<free port>, serving ``weights``."""
+
+    def __init__(self, weights: pathlib.Path, log_path: pathlib.Path) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # closed in stop()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "client"), str(ROOT / "server")])}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "layergrad_server", "--address", "127.0.0.1:0", "--weights", str(weights)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        self.address = f"127.0.0.1:{self._wait_port()}"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def _check_alive(self) -> None:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()[-4000:]}")
+
+    def _wait_port(self, timeout: float = 120.0) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = re.search(r"listening on [\d.]+:(\d+)", self.log())
+            if match:
+                return int(match.group(1))
+            self._check_alive()
+            time.sleep(0.05)
+        raise TimeoutError(f"server did not report its port:\n{self.log()[-4000:]}")
+
+    def wait_serving(self, timeout: float = 300.0) -> None:
+        """Waits until GetModelInfo answers, i.e. the model is loaded and warmed up."""
+        deadline = time.monotonic() + timeout
+        with layergrad.Client(self.address, timeout=5) as client:
+            while time.monotonic() < deadline:
+                self._check_alive()
+                try:
+                    client.model_info()
+                    return
+                except layergrad.LayergradError:
+                    time.sleep(0.2)
+        raise TimeoutError(f"server not serving after {timeout}s:\n{self.log()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+# ---- in-process Chainer: the same code the tests use as reference --------------------
+
+
+def load_chainer() -> Any:
+    from layergrad_server import _compat
+
+    _compat.apply()  # numpy 2 shims; must precede the chainer import
+    import chainer
+
+    return chainer
+
+
+class InProcess:
+    """A plain Chainer ``VGG16Layers`` on the same weights, running each case's Chainer idiom."""
+
+    def __init__(self, weights: pathlib.Path) -> None:
+        chainer = load_chainer()
+        from chainer.links.model.vision import vgg
+
+        self.chainer = chainer
+        self.F = chainer.functions
+        self.net = vgg.VGG16Layers(pretrained_model=str(weights))
+        names = list(self.net.available_layers)
+        self.layers_to_fc8 = names[: names.index("fc8") + 1]
+        self.classes = np.array([CLASS], dtype=np.int32)
+
+    def _class_score(self, acts: dict[str, Any]) -> Any:
+        return self.F.sum(self.F.select_item(acts["fc8"], self.classes))
+
+    def input_gradient(self, x: np.ndarray) -> np.ndarray:
+        """``chainer.grad([loss], [x])``."""
+        chainer = self.chainer
+        with chainer.using_config("train", False):
+            xv = chainer.Variable(x)
+            acts = self.net.forward(xv, layers=["fc8"])
+            (gx,) = chainer.grad([self._class_score(acts)], [xv])
+        return gx.array
+
+    def parameter_gradients(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """``net.cleargrads(); loss.backward()`` and read every parameter's ``.grad``."""
+        chainer = self.chainer
+        with chainer.using_config("train", False):
+            acts = self.net.forward(chainer.Variable(x), layers=["fc8"])
+            loss = self.F.softmax_cross_entropy(acts["fc8"], self.classes)
+        self.net.cleargrads()
+        loss.backward()
+        grads = {name.lstrip("/"): param.grad for name, param in self.net.namedparams()}
+        self.net.cleargrads()
+        return grads
+
+    def layer_gradient(self, x: np.ndarray, layer: str = "conv5_3") -> np.ndarray:
+        """``chainer.grad([loss], [acts[layer]])``."""
+        chainer = self.chainer
+        with chainer.using_config("train", False):
+            acts = self.net.forward(chainer.Variable(x), layers=[layer, "fc8"])
+            (g,) = chainer.grad([self._class_score(acts)], [acts[layer]])
+        return g.array
+
+    def all_layer_gradients(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """``net.cleargrads(); loss.backward(retain_grad=True)`` and read every layer's ``.grad``."""
+        chainer = self.chainer
+        with chainer.using_config("train", False):
+            acts = self.net.forward(chainer.Variable(x), layers=self.layers_to_fc8)
+            loss = self._class_score(acts)
+        self.net.cleargrads()
+        loss.backward(retain_grad=True)
+        grads = {name: acts[name].grad for name in self.layers_to_fc8}
+        self.net.cleargrads()
+        return grads
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Forward only, like ``VGG16Layers.extract``."""
+        chainer = self.chainer
+        with chainer.using_config("train", False), chainer.using_config("enable_backprop", False):
+            return self.net.forward(x, layers=["prob"])["prob"].array
+
+
+# ---- SDK side ------------------------------------------------------------------------
+
+
+class _TimedStream:
+    """Passes a gRPC response stream through, noting when its first message arrived."""
+
+    def __init__(self, call: Any, probe: StreamProbe) -> None:
+        self._call = call
+        self._probe = probe
+
+    def __iter__(self) -> _TimedStream:
+        return self
+
+    def __next__(self) -> Any:
+        item = next(self._call)
+        if self._probe.first_message is None:
+            self._probe.first_message = time.perf_counter()
+        self._probe.messages += 1
+        return item
+
+    def cancel(self) -> bool:
+        return self._call.cancel()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._call, name)
+
+
+class StreamProbe:
+    """Wraps a client's StreamGradients stub so a call's time to first message is known."""
+
+    def __init__(self, client: layergrad.Client) -> None:
+        self.first_message: float | None = None
+        self.messages = 0
+        stub = getattr(client, "_stub", None)
+        self.installed = stub is not None and hasattr(stub, "StreamGradients")
+        if self.installed:
+            original = stub.StreamGradients
+
+            def wrapped(*args: Any, **kwargs: Any) -> _TimedStream:
+                return _TimedStream(original(*args, **kwargs), self)
+
+            stub.StreamGradients = wrapped
+
+    def call(self, fn: Callable[[], Any]) -> dict[str, Any]:
+        """Runs ``fn`` (one streamed SDK call); returns its total time and time to first message."""
+        self.first_message = None
+        self.messages = 0
+        start = time.perf_counter()
+        value = fn()
+        end = time.perf_counter()
+        first = self.first_message
+        return {
+            "total_s": end - start,
+            "first_message_s": None if first is None else first - start,
+            "after_first_message_s": None if first is None else end - first,
+            "messages": self.messages,
+            "value": value,
+        }
+
+
+def download_runs(
+    probe: StreamProbe, fn: Callable[[], dict[str, np.ndarray]], repeat: int, warmup: int
+) -> dict[str, Any]:
+    """Repeated full parameter-gradient downloads: medians of total and post-first-message time."""
+    nbytes = 0
+    for _ in range(warmup):
+        nbytes = sum(a.nbytes for a in fn().values())
+    runs = []
+    for _ in range(repeat):
+        run = probe.call(fn)
+        nbytes = sum(a.nbytes for a in run.pop("value").values())
+        runs.append(run)
+    return summarize_download(runs, nbytes)
+
+
+def summarize_download(runs: list[dict[str, Any]], nbytes: int) -> dict[str, Any]:
+    total = median([r["total_s"] for r in runs])
+    after = [r["after_first_message_s"] for r in runs if r["after_first_message_s"] is not None]
+    first = [r["first_message_s"] for r in runs if r["first_message_s"] is not None]
+    return {
+        "bytes": nbytes,
+        "runs": runs,
+        "total_s_median": total,
+        "first_message_s_median": median(first),
+        "after_first_message_s_median": median(after),
+        "end_to_end_bytes_per_s": nbytes / total,
+        "transfer_bytes_per_s": nbytes / median(after) if after else math.nan,
+        "messages": runs[-1]["messages"] if runs else 0,
+    }
+
+
+# ---- child processes: SDK-only client memory, and PyTorch ----------------------------
+
+
+def client_memory_child(address: str, dtype: str) -> int:
+    """Run as a child: one full parameter-gradient download through the SDK; prints JSON."""
+    x = prepared_input()
+    before = proc_status()
+    with layergrad.Client(address, timeout=600) as client:
+        client.model_info()  # channel up before the baseline
+        connected = proc_status()
+        start = time.perf_counter()
+        grads = client.parameter_gradients(x, layergrad.SoftmaxCrossEntropy([CLASS]), "all", dtype=dtype)
+        elapsed = time.perf_counter() - start
+        payload = sum(g.nbytes for g in grads.values())
+        after = proc_status()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(
+        json.dumps(
+            {
+                "dtype": dtype,
+                "payload_bytes": payload,
+                "tensors": len(grads),
+                "seconds": elapsed,
+                "rss_at_start_bytes": before.get("VmRSS"),
+                "rss_connected_bytes": connected.get("VmRSS"),
+                "rss_after_bytes": after.get("VmRSS"),
+                "peak_rss_bytes": after.get("VmHWM"),
+                "ru_maxrss_bytes": usage.ru_maxrss * 1024,
+            }
+        )
+    )
+    return 0
+
+
+def build_torch_vgg16(torch: Any, weights: dict[str, np.ndarray]) -> Any:
+    """VGG16 in torch.nn with Chainer's layout: conv3x3/pad 1 + ReLU, 2x2 max pools, fc6-fc8."""
+    nn = torch.nn
+
+    class VGG16(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.convs = nn.ModuleDict({n: nn.Conv2d(i, o, 3, padding=1) for n, i, o in VGG_CONVS})
+            self.fcs = nn.ModuleDict({n: nn.Linear(i, o) for n, i, o in VGG_FCS})
+
+        def forward(self, x: Any) -> Any:
+            for name, _, _ in VGG_CONVS:
+                x = torch.relu(self.convs[name](x))
+                if name in POOL_AFTER:
+                    x = torch.nn.functional.max_pool2d(x, 2, 2)
+            x = torch.flatten(x, 1)  # row-major (C, H, W), as Chainer's Linear reshapes
+            x = torch.relu(self.fcs["fc6"](x))
+            x = torch.relu(self.fcs["fc7"](x))
+            return self.fcs["fc8"](x)
+
+    model = VGG16()
+    with torch.no_grad():
+        for group in (model.convs, model.fcs):
+            for name, layer in group.items():
+                layer.weight.copy_(torch.from_numpy(np.ascontiguousarray(weights[f"{name}/W"])))
+                layer.bias.copy_(torch.from_numpy(np.ascontiguousarray(weights[f"{name}/b"])))
+    return model.eval()
+
+
+def torch_child(weights_path: str, input_path: str, out_path: str, repeat: int, warmup: int) -> int:
+    """Run as a child: PyTorch CPU input gradient of the same loss; prints JSON."""
+    try:
+        import torch
+    except ImportError:
+        print(json.dumps({"error": TORCH_HINT}))
+        return 0
+    with np.load(weights_path) as npz:
+        model = build_torch_vgg16(torch, {k: npz[k] for k in npz.files})
+    x_np = np.load(input_path)
+
+    def input_gradient() -> np.ndarray:
+        x = torch.from_numpy(x_np).requires_grad_(True)
+        logits = model(x)
+        loss = logits[torch.arange(x.shape[0]), CLASS].sum()
+        (gx,) = torch.autograd.grad(loss, [x])
+        return gx.numpy()
+
+    result = None
+    for _ in range(warmup):
+        result = input_gradient()
+    samples = [timed(input_gradient)[0] for _ in range(repeat)]
+    if result is None:
+        result = input_gradient()
+    np.save(out_path, result)
+    print(
+        json.dumps(
+            {
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "samples_s": samples,
+                "median_s": median(samples),
+            }
+        )
+    )
+    return 0
+
+
+def run_child(args: list[str], timeout: float = 600) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "client"), str(ROOT / "server")])}
+    proc = subprocess.run(
+        [sys.executable, str(pathlib.Path(__file__).resolve()), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"error": f"child exited with {proc.returncode}: {proc.stderr.strip()[-2000:]}"}
+    return json.loads(lines[-1])
+
+
+# ---- where the download time goes, without a network ---------------------------------
+
+
+def serialization_breakdown(grads: dict[str, np.ndarray], chunk_bytes: int) -> dict[str, Any]:
+    """Server chunking + SerializeToString, then client FromString + assembly, of the same tensors.
+
+    Uses the server's and SDK's own conversion code in this process, so it shows the
+    CPU cost of each side per byte; what is left of the measured transfer time is gRPC.
+    """
+    try:
+        from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
+        from layergrad._tensors import _ChunkAssembler
+        from layergrad_server import convert, engine
+    except ImportError as error:
+        return {"error": f"cannot import conversion code: {error}"}
+    nbytes = sum(g.nbytes for g in grads.values())
+    try:
+        result = engine.GradientResult(
+            [engine.ResultTensor(n, engine.Kind.PARAMETER_GRADIENT, g) for n, g in grads.items()], None
+        )
+        start = time.perf_counter()
+        wire = [m.SerializeToString() for m in convert.gradient_chunks(result, chunk_bytes)]
+        server_s = time.perf_counter() - start
+        start = time.perf_counter()
+        assembler = _ChunkAssembler()
+        for data in wire:
+            assembler.add(pb.StreamGradientsResponse.FromString(data))
+        assembled = assembler.finish()
+        client_s = time.perf_counter() - start
+        same = all(np.array_equal(t.array, grads[t.name]) for t in assembled)
+    except Exception as error:  # the conversion code is internal and may change
+        return {"error": f"{type(error).__name__}: {error}"}
+    del wire
+    # A plain memory copy of the same bytes, for scale.
+    dst = {n: np.empty_like(g) for n, g in grads.items()}
+    start = time.perf_counter()
+    for n, g in grads.items():
+        np.copyto(dst[n], g)
+    copy_s = time.perf_counter() - start
+    return {
+        "bytes": nbytes,
+        "chunk_bytes": chunk_bytes,
+        "server_chunk_serialize_s": server_s,
+        "client_parse_assemble_s": client_s,
+        "memcpy_s": copy_s,
+        "server_bytes_per_s": nbytes / server_s,
+        "client_bytes_per_s": nbytes / client_s,
+        "memcpy_bytes_per_s": nbytes / copy_s,
+        "round_trip_identical": same,
+    }
+
+
+# ---- concurrency ---------------------------------------------------------------------
+
+
+def throughput(address: str, x: np.ndarray, clients: int, total: int) -> dict[str, Any]:
+    """``total`` input-gradient calls split evenly over ``clients`` concurrent SDK clients."""
+    per_client = [total // clients + (1 if i < total % clients else 0) for i in range(clients)]
+    loss = layergrad.ClassScore("fc8", [CLASS])
+    sdks = [layergrad.Client(address, timeout=600) for _ in range(clients)]
+    for sdk in sdks:
+        sdk.model_info()  # connect before the clock starts
+    barrier = threading.Barrier(clients + 1)
+    latencies: list[float] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def worker(sdk: layergrad.Client, count: int) -> None:
+        barrier.wait()
+        try:
+            for _ in range(count):
+                elapsed, _ = timed(lambda: sdk.input_gradient(x, loss))
+                with lock:
+                    latencies.append(elapsed)
+        except BaseException as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(s, n)) for s, n in zip(sdks, per_client, strict=True)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - start
+    for sdk in sdks:
+        sdk.close()
+    if errors:
+        raise errors[0]
+    return {
+        "clients": clients,
+        "requests": total,
+        "wall_s": wall,
+        "requests_per_s": total / wall,
+        "latency_median_s": median(latencies),
+        "latency_max_s": max(latencies),
+    }
+
+
+# ---- the run -------------------------------------------------------------------------
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    repeat, warmup = args.repeat, 1
+    started = time.perf_counter()
+    machine = machine_info()
+    report: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine,
+        "settings": {
+            "repeat": repeat,
+            "input_repeat": args.input_repeat,
+            "warmup": warmup,
+            "quick": args.quick,
+            "throughput_requests": args.requests,
+            "model_info_calls": args.model_info_calls,
+            "weights": f"random seed {SEED} (engine.random_weights_npz), written to a temporary npz",
+            "input": "one prepared float32 image (1, 3, 224, 224), sent as a prepared tensor",
+            "loss": f"ClassScore(fc8, [{CLASS}]) unless noted; SoftmaxCrossEntropy([{CLASS}]) for parameters",
+        },
+        "loadavg_start": _loadavg(),
+    }
+    x = prepared_input()
+    meter = CpuMeter()
+    if args.wait_quiet > 0:
+        report["waited_for_quiet_s"] = wait_quiet(meter, args.wait_quiet)
+    run_begin = meter.snapshot()
+    with tempfile.TemporaryDirectory(prefix="layergrad-bench-") as tmp_name:
+        tmp = pathlib.Path(tmp_name)
+        weights = tmp / f"vgg16-random-{SEED}.npz"
+        log("writing random weights")
+        load_chainer()  # the numpy 2 shims first, whatever the engine module imports
+        from layergrad_server.engine import random_weights_npz
+
+        weights.write_bytes(random_weights_npz(SEED).getvalue())
+        log("starting server")
+        server = Server(weights, tmp / "server.log")
+        try:
+            load_start = time.perf_counter()
+            inproc = InProcess(weights)
+            report["in_process_load_s"] = time.perf_counter() - load_start
+            server.wait_serving()
+            report["server_ready_s"] = time.perf_counter() - load_start
+            report["server_rss_serving_bytes"] = proc_status(server.pid).get("VmRSS")
+            try:
+                import chainer
+
+                machine["chainer"] = chainer.__version__
+            except ImportError:
+                pass
+            report["server_address"] = server.address
+            body(args, report, server, inproc, x, tmp, weights, repeat, warmup)
+            report["server_memory"] = proc_status(server.pid)
+        except BaseException:
+            log("server log tail:\n" + server.log()[-3000:])
+            raise
+        finally:
+            server.stop()
+    report["total_runtime_s"] = time.perf_counter() - started - report.get("waited_for_quiet_s", 0.0)
+    # The server has been waited for, so its CPU time is in RUSAGE_CHILDREN now.
+    report["background_cpus_whole_run"] = meter.other_cpus(run_begin, meter.snapshot())
+    report["loadavg_end"] = _loadavg()
+    return report
+
+
+def wait_quiet(meter: CpuMeter, timeout: float, threshold: float = 0.15, window: float = 3.0) -> float:
+    """Waits (at most ``timeout`` s) until other processes use under ``threshold`` CPUs over ``window`` s."""
+    start = last_log = time.perf_counter()
+    log(f"waiting up to {timeout:.0f} s for other processes to leave the CPUs idle")
+    while True:
+        begin = meter.snapshot()
+        time.sleep(window)
+        busy = meter.other_cpus(begin, meter.snapshot())
+        now = time.perf_counter()
+        if busy < threshold or now - start >= timeout:
+            log(f"other processes use {busy:.2f} CPUs; starting after {now - start:.0f} s")
+            return now - start
+        if now - last_log >= 30:
+            log(f"still waiting: other processes use {busy:.2f} CPUs")
+            last_log = now
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [float(v) for v in pathlib.Path("/proc/loadavg").read_text().split()[:3]]
+    except (OSError, ValueError):
+        return None
+
+
+def body(
+    args: argparse.Namespace,
+    report: dict[str, Any],
+    server: Server,
+    inproc: InProcess,
+    x: np.ndarray,
+    tmp: pathlib.Path,
+    weights: pathlib.Path,
+    repeat: int,
+    warmup: int,
+) -> None:
+    score = layergrad.ClassScore("fc8", [CLASS])
+    xent = layergrad.SoftmaxCrossEntropy([CLASS])
+    client = layergrad.Client(server.address, timeout=600)
+    probe_client = layergrad.Client(server.address, timeout=600)
+    probe = StreamProbe(probe_client)
+    info = client.model_info()
+    sections = Sections(CpuMeter(server.pid))
+    report["background_cpus"] = sections.background_cpus
+    report["server_model"] = {
+        "model_name": info.model_name,
+        "device": info.device,
+        "versions": info.versions,
+        "stream_chunk_bytes": info.stream_chunk_bytes,
+        "parameters": info.num_parameters,
+        "parameter_bytes": info.parameter_nbytes,
+    }
+    cases: dict[str, Any] = {}
+    report["cases"] = cases
+
+    def case(
+        key: str, label: str, a: Callable[[], Any], b: Callable[[], Any], check: Callable, times: int = repeat
+    ) -> Any:
+        sections.start(key)
+        timing = side_by_side(a, b, times, warmup, sections.meter)
+        cases[key] = case_entry(label, timing, check(timing["result_a"], timing["result_b"]))
+        return timing["result_a"], timing["result_b"]
+
+    ref_input, _ = case(
+        "input_gradient",
+        "input gradient (GRAD)",
+        lambda: inproc.input_gradient(x),
+        lambda: client.input_gradient(x, score),
+        lambda a, b: max_rel_diff({"g": b}, {"g": a}),
+        times=args.input_repeat,
+    )
+
+    # PyTorch, as an outside reference, in its own process.
+    sections.start("torch")
+    np.save(tmp / "input.npy", x)
+    torch_result = run_child(
+        ["--_torch", str(weights), str(tmp / "input.npy"), str(tmp / "torch_grad.npy"), str(repeat), "1"]
+    )
+    if "error" not in torch_result:
+        torch_grad = np.load(tmp / "torch_grad.npy")
+        torch_result["max_rel_diff_vs_chainer"] = max_rel_diff({"g": torch_grad}, {"g": ref_input})
+        torch_result["rel_l2_diff_vs_chainer"] = rel_l2_diff(torch_grad, ref_input)
+        torch_result["chainer_in_process_over_torch"] = (
+            cases["input_gradient"]["in_process_median_s"] / torch_result["median_s"]
+        )
+        torch_result["service_over_torch"] = (
+            cases["input_gradient"]["service_median_s"] / torch_result["median_s"]
+        )
+    report["torch"] = torch_result
+
+    # All parameter gradients; the service side also records time to first stream message.
+    sections.start("parameter_gradients")
+    downloads: list[dict[str, Any]] = []
+
+    def service_params() -> dict[str, np.ndarray]:
+        run = probe.call(lambda: probe_client.parameter_gradients(x, xent, "all"))
+        downloads.append(run)
+        return run.pop("value")
+
+    timing = side_by_side(
+        lambda: inproc.parameter_gradients(x), service_params, repeat, warmup, sections.meter
+    )
+    ref_params, sdk_params = timing["result_a"], timing["result_b"]
+    cases["parameter_gradients"] = case_entry(
+        "all parameter gradients (BACKWARD)", timing, max_rel_diff(sdk_params, ref_params)
+    )
+    payload = cases["parameter_gradients"]["bytes"] = sum(g.nbytes for g in sdk_params.values())
+    download = summarize_download([downloads[warmup + i] for i in timing["attempts"]], payload)
+    download["in_process_compute_s_median"] = median(timing["a"])
+    del timing
+    del sdk_params
+
+    case(
+        "layer_gradient_conv5_3",
+        "conv5_3 gradient (GRAD)",
+        lambda: inproc.layer_gradient(x, "conv5_3"),
+        lambda: client.gradients(x, score, pattern="grad", layers=["conv5_3"]).layers["conv5_3"],
+        lambda a, b: max_rel_diff({"g": b}, {"g": a}),
+    )
+    ref_layers, _ = case(
+        "all_layer_gradients",
+        "all layers (BACKWARD_RETAIN_GRAD)",
+        lambda: inproc.all_layer_gradients(x),
+        lambda: client.gradients(x, score, pattern="backward_retain_grad", layers="all").layers,
+        lambda a, b: max_rel_diff(b, a),
+    )
+    cases["all_layer_gradients"]["bytes"] = sum(g.nbytes for g in ref_layers.values())
+    case(
+        "predict",
+        "Predict (prob)",
+        lambda: inproc.predict(x),
+        lambda: client.predict(x, ["prob"])["prob"],
+        lambda a, b: max_rel_diff({"p": b}, {"p": a}),
+    )
+
+    # GetModelInfo latency.
+    sections.start("model_info")
+    for _ in range(20):
+        client.model_info()
+    latencies = [timed(client.model_info)[0] for _ in range(args.model_info_calls)]
+    report["model_info"] = {
+        "calls": len(latencies),
+        "p50_s": percentile(latencies, 50),
+        "p99_s": percentile(latencies, 99),
+        "mean_s": float(np.mean(latencies)),
+    }
+
+    # Throughput with 1, 2, 4 concurrent clients.
+    report["throughput"] = []
+    for clients in (1, 2, 4):
+        sections.start(f"throughput_{clients}")
+        report["throughput"].append(throughput(server.address, x, clients, max(args.requests, clients)))
+
+    # float16 download.
+    sections.start("download_float16")
+    half = download_runs(
+        probe, lambda: probe_client.parameter_gradients(x, xent, "all", dtype="float16"), repeat, warmup
+    )
+    for run in download["runs"] + half["runs"]:
+        run.pop("value", None)
+    report["download"] = {"float32": download, "float16": half}
+
+    # Where the transfer time goes: the same conversion code, no network.
+    sections.start("breakdown")
+    report["download"]["breakdown"] = serialization_breakdown(ref_params, info.stream_chunk_bytes)
+    del ref_params
+
+    # Client memory: a child process that imports only the SDK.
+    sections.start("client_memory")
+    report["client_memory"] = run_child(["--_client-memory", server.address, "float32"])
+    sections.stop()
+    probe_client.close()
+    client.close()
+
+
+def case_entry(label: str, timing: dict[str, Any], max_diff: float) -> dict[str, Any]:
+    ta, tb = timing["a"], timing["b"]
+    return {
+        "label": label,
+        "in_process_s": ta,
+        "service_s": tb,
+        "in_process_median_s": median(ta),
+        "service_median_s": median(tb),
+        "ratio": median(tb) / median(ta),
+        "pair_ratios": [b / a for a, b in zip(ta, tb, strict=True)],
+        "pair_ratio_median": median([b / a for a, b in zip(ta, tb, strict=True)]),
+        "other_cpus_per_pair": timing["other_cpus"],
+        "pairs_set_aside": timing["set_aside"],
+        "max_rel_diff": max_diff,
+    }
+
+
+# ---- report --------------------------------------------------------------------------
+
+
+def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+
+    def add(name: str, value: float, limit: float, met: bool, shown: str) -> None:
+        out.append({"target": name, "value": value, "limit": limit, "met": bool(met), "shown": shown})
+
+    ratio = report["cases"]["input_gradient"]["ratio"]
+    add(
+        "SDK input gradient within 3% of in-process (ratio <= 1.03)",
+        ratio,
+        1.03,
+        ratio <= 1.03,
+        f"{ratio:.3f}",
+    )
+    p50 = report["model_info"]["p50_s"]
+    add("GetModelInfo p50 < 1 ms", p50, 1e-3, p50 < 1e-3, f"{p50 * 1e3:.3f} ms")
+    rate = report["download"]["float32"]["transfer_bytes_per_s"]
+    e2e = report["download"]["float32"]["end_to_end_bytes_per_s"]
+    add(
+        "parameter-gradient download >= 1.5 GB/s (after first message)",
+        rate,
+        1.5e9,
+        rate >= 1.5e9,
+        f"{rate / 1e9:.2f} GB/s (end to end incl. compute {e2e / 1e9:.3f} GB/s)",
+    )
+    mem = report.get("client_memory", {})
+    if "peak_rss_bytes" in mem and mem.get("peak_rss_bytes"):
+        factor = mem["peak_rss_bytes"] / mem["payload_bytes"]
+        add(
+            "client peak memory within 1.3x payload",
+            factor,
+            1.3,
+            factor <= 1.3,
+            f"{factor:.2f}x ({fmt_bytes(mem['peak_rss_bytes'])} peak for {fmt_bytes(mem['payload_bytes'])})",
+        )
+    else:
+        add(
+            "client peak memory within 1.3x payload",
+            math.nan,
+            1.3,
+            False,
+            f"not measured: {mem.get('error')}",
+        )
+    rates = {t["clients"]: t["requests_per_s"] for t in report["throughput"]}
+    scale = rates[4] / rates[1]
+    add("4 clients >= 1.5x one client's requests/s", scale, 1.5, scale >= 1.5, f"{scale:.2f}x")
+    return out
+
+
+def render(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    s = report["settings"]
+    lines = [
+        f"layergrad benchmark  {report['date']}",
+        f"machine: {m['cpu_model']}, {m['usable_cpus']} usable CPUs, "
+        f"{(m.get('memory_total_bytes') or 0) / 2**30:.1f} GiB; python {m['python']}, "
+        f"numpy {m['numpy']}, chainer {m.get('chainer', '?')}, grpcio {m['grpcio']}",
+        f"BLAS: {blas_summary(m['blas'])}",
+    ]
+    if m["env"]:
+        lines.append("env: " + " ".join(f"{k}={v}" for k, v in m["env"].items()))
+    busy = report["background_cpus_whole_run"]
+    if busy >= 0.2:
+        lines.append(
+            f"WARNING: other processes (or hypervisor steal) kept {busy:.2f} CPUs busy on average; "
+            "timings and ratios are disturbed (see 'other load' notes)"
+        )
+    lines += [
+        f"VGG16 224x224, batch 1; median of n timed pairs after {s['warmup']} warm-up; "
+        "ratio = median service / median in-process; 'pairs' = range of per-pair ratios",
+        "",
+        f"{'case':<38}{'in-process':>12}{'service':>12}{'ratio':>8}  notes",
+        "-" * 90,
+    ]
+    for c in report["cases"].values():
+        pr = c["pair_ratios"]
+        note = f"n={len(pr)}, pairs {min(pr):.2f}-{max(pr):.2f}, max rel diff {c['max_rel_diff']:.1e}"
+        bg = max(c["other_cpus_per_pair"], default=0.0)
+        if bg >= 0.05:
+            note += f", other load <= {bg:.2f} CPU"
+        if c["pairs_set_aside"]:
+            note += f", {c['pairs_set_aside']} noisy pair(s) redone"
+        if "bytes" in c:
+            note += f", {fmt_bytes(c['bytes'])}"
+        lines.append(
+            f"{c['label']:<38}{fmt_s(c['in_process_median_s']):>12}{fmt_s(c['service_median_s']):>12}"
+            f"{c['ratio']:>8.3f}  {note}"
+        )
+    t = report["torch"]
+    if "error" in t:
+        lines.append(f"{'PyTorch CPU input gradient':<38}{t['error']}")
+    else:
+        lines.append(
+            f"{'PyTorch ' + t['torch'] + ' CPU input gradient':<38}{fmt_s(t['median_s']):>12}{'':>20}  "
+            f"chainer/torch {t['chainer_in_process_over_torch']:.2f}x, "
+            f"rel L2 diff vs chainer {t['rel_l2_diff_vs_chainer']:.1e}, {t['threads']} threads"
+        )
+    mi = report["model_info"]
+    lines += [
+        "",
+        f"GetModelInfo ({mi['calls']} calls via SDK): p50 {mi['p50_s'] * 1e3:.3f} ms, "
+        f"p99 {mi['p99_s'] * 1e3:.3f} ms",
+        "",
+        "input-gradient throughput (same total requests per row):",
+    ]
+    base = report["throughput"][0]["requests_per_s"]
+    for t in report["throughput"]:
+        lines.append(
+            f"  {t['clients']} client(s): {t['requests']} requests in {t['wall_s']:.2f} s = "
+            f"{t['requests_per_s']:.3f} req/s ({t['requests_per_s'] / base:.2f}x), "
+            f"median latency {t['latency_median_s']:.2f} s"
+            + _other_load(report, f"throughput_{t['clients']}")
+        )
+    lines += ["", "all-parameter-gradient download through the SDK (StreamGradients):"]
+    for dtype in ("float32", "float16"):
+        d = report["download"][dtype]
+        lines.append(
+            f"  {dtype}: {fmt_bytes(d['bytes'])} in {d['messages']} messages; "
+            f"call {d['total_s_median']:.3f} s (first message {d['first_message_s_median']:.3f} s, "
+            f"rest {d['after_first_message_s_median']:.3f} s); "
+            f"{d['end_to_end_bytes_per_s'] / 1e9:.3f} GB/s end to end, "
+            f"{d['transfer_bytes_per_s'] / 1e9:.2f} GB/s after first message"
+            + _other_load(report, "parameter_gradients" if dtype == "float32" else "download_float16")
+        )
+    b = report["download"]["breakdown"]
+    if "error" in b:
+        lines.append(f"  breakdown: {b['error']}")
+    else:
+        lines.append(
+            "  breakdown, same code without network: "
+            f"server chunk+serialize {b['server_chunk_serialize_s']:.3f} s "
+            f"({b['server_bytes_per_s'] / 1e9:.2f} GB/s), "
+            f"client parse+assemble {b['client_parse_assemble_s']:.3f} s "
+            f"({b['client_bytes_per_s'] / 1e9:.2f} GB/s), memcpy {b['memcpy_s']:.3f} s "
+            f"({b['memcpy_bytes_per_s'] / 1e9:.2f} GB/s)"
+        )
+    cm = report.get("client_memory", {})
+    sm = report.get("server_memory", {})
+    lines += ["", "peak memory:"]
+    lines.append(
+        f"  server: VmHWM {fmt_bytes(sm.get('VmHWM', 0))} (RSS when serving started "
+        f"{fmt_bytes(report.get('server_rss_serving_bytes') or 0)}, now {fmt_bytes(sm.get('VmRSS', 0))})"
+    )
+    if "peak_rss_bytes" in cm:
+        lines.append(
+            f"  client (SDK-only child, one float32 all-parameter download): VmHWM "
+            f"{fmt_bytes(cm['peak_rss_bytes'])}, RSS before call {fmt_bytes(cm['rss_connected_bytes'])}, "
+            f"payload {fmt_bytes(cm['payload_bytes'])}"
+        )
+    else:
+        lines.append(f"  client: {cm.get('error')}")
+    lines += ["", "targets:"]
+    for t in report["targets"]:
+        lines.append(f"  [{'met' if t['met'] else 'NOT met'}] {t['target']}: {t['shown']}")
+    lines.append("")
+    lines.append(
+        f"total runtime {report['total_runtime_s']:.0f} s"
+        + (
+            f" (after {report['waited_for_quiet_s']:.0f} s waiting for a quiet machine)"
+            if "waited_for_quiet_s" in report
+            else ""
+        )
+        + "; other processes kept "
+        f"{report['background_cpus_whole_run']:.2f} of {m['usable_cpus']} CPUs busy on average "
+        f"(load average at start {report['loadavg_start']}, at end {report['loadavg_end']})"
+    )
+    return "\n".join(lines)
+
+
+def _other_load(report: dict[str, Any], section: str) -> str:
+    bg = report["background_cpus"].get(section)
+    return f", other load {bg:.2f} CPU" if bg is not None and bg >= 0.05 else ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, help="JSON results path")
+    parser.add_argument("--repeat", type=int, default=None, help="timed repetitions per case (default 5)")
+    parser.add_argument("--quick", action="store_true", help="fast smoke run: 1 repetition, fewer calls")
+    parser.add_argument(
+        "--input-repeat",
+        type=int,
+        default=None,
+        help="timed repetitions of the input-gradient case, whose target is 3%% (default 3 x --repeat)",
+    )
+    parser.add_argument("--requests", type=int, default=None, help="input-gradient calls per throughput row")
+    parser.add_argument("--model-info-calls", type=int, default=None)
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="first wait up to SECONDS for other processes to leave the CPUs idle (default: do not wait)",
+    )
+    parser.add_argument("--_client-memory", nargs=2, metavar=("ADDRESS", "DTYPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--_torch", nargs=5, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._client_memory:
+        return client_memory_child(*args._client_memory)
+    if args._torch:
+        weights_path, input_path, out_path, repeat, warmup = args._torch
+        return torch_child(weights_path, input_path, out_path, int(repeat), int(warmup))
+    if args.repeat is None:
+        args.repeat = 1 if args.quick else 5
+    if args.input_repeat is None:
+        args.input_repeat = 3 * args.repeat
+    if args.requests is None:
+        args.requests = 4 if args.quick else 8
+    if args.model_info_calls is None:
+        args.model_info_calls = 100 if args.quick else 1000
+    if args.repeat < 1 or args.input_repeat < 1 or args.requests < 1 or args.model_info_calls < 1:
+        parser.error("--repeat, --requests and --model-info-calls must be positive")
+
+    report = run(args)
+    report["targets"] = targets(report)
+    text = render(report)
+    report["table"] = text
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(_finite(report), indent=2, default=_json_default, allow_nan=False) + "\n")
+    print(text)
+    print(f"\nresults written to {args.out}")
+    return 0
+
+
+def _finite(value: Any) -> Any:
+    """The report with NaN and infinities as null, so the JSON is strict."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Iterator):
+        return list(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
