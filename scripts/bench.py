@@ -38,7 +38,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -53,6 +53,7 @@ import layergrad  # noqa: E402
 
 SEED = 0
 CLASS = 7
+WORKERS_ARGS = ("--workers", "2", "--blas-threads", "1")
 DEFAULT_OUT = ROOT / "bench-results" / "bench.json"
 TORCH_HINT = "torch not installed (pip install torch==2.13.0)"
 ENV_VARS = (
@@ -340,12 +341,21 @@ def blas_summary(blas: Any) -> str:
 class Server:
     """``python -m layergrad_server`` on 127.0.0.1:<free port>, serving ``weights``."""
 
-    def __init__(self, weights: pathlib.Path, log_path: pathlib.Path) -> None:
+    def __init__(self, weights: pathlib.Path, log_path: pathlib.Path, extra: Sequence[str] = ()) -> None:
         self.log_path = log_path
         self._log = open(log_path, "wb")  # closed in stop()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "client"), str(ROOT / "server")])}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "layergrad_server", "--address", "127.0.0.1:0", "--weights", str(weights)],
+            [
+                sys.executable,
+                "-m",
+                "layergrad_server",
+                "--address",
+                "127.0.0.1:0",
+                "--weights",
+                str(weights),
+                *extra,
+            ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -374,8 +384,14 @@ class Server:
         raise TimeoutError(f"server did not report its port:\n{self.log()[-4000:]}")
 
     def wait_serving(self, timeout: float = 300.0) -> None:
-        """Waits until GetModelInfo answers, i.e. the model is loaded and warmed up."""
+        """Waits until GetModelInfo answers, i.e. the model is loaded and warmed up (and, with
+        --workers, until the parent reports every worker serving)."""
         deadline = time.monotonic() + timeout
+        while "--workers" in self.process.args and "workers serving" not in self.log():
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"workers not serving after {timeout}s:\n{self.log()[-4000:]}")
+            time.sleep(0.2)
         with layergrad.Client(self.address, timeout=5) as client:
             while time.monotonic() < deadline:
                 self._check_alive()
@@ -693,7 +709,7 @@ def serialization_breakdown(grads: dict[str, np.ndarray], chunk_bytes: int) -> d
     """
     try:
         from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
-        from layergrad._tensors import _ChunkAssembler
+        from layergrad._tensors import _ChunkAssembler, parse_stream_chunk
         from layergrad_server import convert, engine
     except ImportError as error:
         return {"error": f"cannot import conversion code: {error}"}
@@ -704,11 +720,22 @@ def serialization_breakdown(grads: dict[str, np.ndarray], chunk_bytes: int) -> d
         )
         start = time.perf_counter()
         wire = [m.SerializeToString() for m in convert.gradient_chunks(result, chunk_bytes)]
-        server_s = time.perf_counter() - start
+        generated_server_s = time.perf_counter() - start
         start = time.perf_counter()
         assembler = _ChunkAssembler()
         for data in wire:
             assembler.add(pb.StreamGradientsResponse.FromString(data))
+        assembler.finish()
+        generated_client_s = time.perf_counter() - start
+        del wire, assembler
+        # What the server and SDK run: hand-built frames and the SDK's own parser.
+        start = time.perf_counter()
+        wire = list(convert.gradient_frames(result, chunk_bytes))
+        server_s = time.perf_counter() - start
+        start = time.perf_counter()
+        assembler = _ChunkAssembler()
+        for data in wire:
+            assembler.add(parse_stream_chunk(data))
         assembled = assembler.finish()
         client_s = time.perf_counter() - start
         same = all(np.array_equal(t.array, grads[t.name]) for t in assembled)
@@ -724,6 +751,8 @@ def serialization_breakdown(grads: dict[str, np.ndarray], chunk_bytes: int) -> d
     return {
         "bytes": nbytes,
         "chunk_bytes": chunk_bytes,
+        "generated_server_s": generated_server_s,
+        "generated_client_s": generated_client_s,
         "server_chunk_serialize_s": server_s,
         "client_parse_assemble_s": client_s,
         "memcpy_s": copy_s,
@@ -1003,6 +1032,20 @@ def body(
         sections.start(f"throughput_{clients}")
         report["throughput"].append(throughput(server.address, x, clients, max(args.requests, clients)))
 
+    # The same rows against --workers 2 --blas-threads 1 (a second server, same weights).
+    sections.start("workers_start")
+    workers = Server(weights, tmp / "workers.log", WORKERS_ARGS)
+    try:
+        workers.wait_serving()
+        report["throughput_workers"] = {"args": list(WORKERS_ARGS), "rows": []}
+        for clients in (1, 2, 4):
+            sections.start(f"throughput_workers_{clients}")
+            report["throughput_workers"]["rows"].append(
+                throughput(workers.address, x, clients, max(args.requests, clients))
+            )
+    finally:
+        workers.stop()
+
     # float16 download.
     sections.start("download_float16")
     half = download_runs(
@@ -1090,7 +1133,12 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         )
     rates = {t["clients"]: t["requests_per_s"] for t in report["throughput"]}
     scale = rates[4] / rates[1]
-    add("4 clients >= 1.5x one client's requests/s", scale, 1.5, scale >= 1.5, f"{scale:.2f}x")
+    add("4 clients >= 1.5x one client's requests/s (one worker)", scale, 1.5, scale >= 1.5, f"{scale:.2f}x")
+    if "throughput_workers" in report:
+        workers = {t["clients"]: t["requests_per_s"] for t in report["throughput_workers"]["rows"]}
+        scale = workers[4] / rates[1]
+        label = " ".join(report["throughput_workers"]["args"])
+        add(f"4 clients on {label} >= 1.5x one worker's", scale, 1.5, scale >= 1.5, f"{scale:.2f}x")
     return out
 
 
@@ -1158,6 +1206,17 @@ def render(report: dict[str, Any]) -> str:
             f"median latency {t['latency_median_s']:.2f} s"
             + _other_load(report, f"throughput_{t['clients']}")
         )
+    if "throughput_workers" in report:
+        lines.append(
+            f"  with {' '.join(report['throughput_workers']['args'])} (ratios to one worker, 1 client):"
+        )
+        for t in report["throughput_workers"]["rows"]:
+            lines.append(
+                f"  {t['clients']} client(s): {t['requests']} requests in {t['wall_s']:.2f} s = "
+                f"{t['requests_per_s']:.3f} req/s ({t['requests_per_s'] / base:.2f}x), "
+                f"median latency {t['latency_median_s']:.2f} s"
+                + _other_load(report, f"throughput_workers_{t['clients']}")
+            )
     lines += ["", "all-parameter-gradient download through the SDK (StreamGradients):"]
     for dtype in ("float32", "float16"):
         d = report["download"][dtype]
@@ -1181,6 +1240,12 @@ def render(report: dict[str, Any]) -> str:
             f"({b['client_bytes_per_s'] / 1e9:.2f} GB/s), memcpy {b['memcpy_s']:.3f} s "
             f"({b['memcpy_bytes_per_s'] / 1e9:.2f} GB/s)"
         )
+        if "generated_server_s" in b:
+            lines.append(
+                "  the same through the generated protobuf class (before the hand-built frames): "
+                f"server {b['bytes'] / b['generated_server_s'] / 1e9:.2f} GB/s, "
+                f"client {b['bytes'] / b['generated_client_s'] / 1e9:.2f} GB/s"
+            )
     cm = report.get("client_memory", {})
     sm = report.get("server_memory", {})
     lines += ["", "peak memory:"]

@@ -10,6 +10,7 @@ by copying each chunk straight into a preallocated array.
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -109,6 +110,109 @@ def _enum_name(value: int) -> str:
         return f"DataType({value})"
 
 
+@dataclass(frozen=True, slots=True)
+class StreamChunk:
+    """One StreamGradientsResponse, with ``data`` a view of the received bytes (not a copy)."""
+
+    name: str
+    kind: int
+    dtype: int
+    shape: tuple[int, ...]
+    offset: int
+    data: memoryview | bytes
+    loss: float | None
+
+    @classmethod
+    def from_message(cls, message: pb.StreamGradientsResponse) -> StreamChunk:
+        return cls(
+            message.name,
+            message.kind,
+            message.dtype,
+            tuple(message.shape),
+            message.offset,
+            message.data,
+            message.loss if message.HasField("loss") else None,
+        )
+
+
+class _Unusual(Exception):
+    """Raised by the fast parser on anything it leaves to the generated class."""
+
+
+def _read_varint(raw: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = raw[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise _Unusual
+
+
+def parse_stream_chunk(raw: bytes) -> StreamChunk:
+    """StreamGradients' response deserializer: a StreamGradientsResponse without copying its data.
+
+    Reads the wire format directly and returns ``data`` as a memoryview of ``raw``;
+    any message it does not expect (unknown fields, an unpacked shape, negative or
+    oversized values, truncation) is parsed by the generated class instead.
+    """
+    try:
+        return _parse_fast(raw)
+    except (_Unusual, IndexError, UnicodeDecodeError):
+        return StreamChunk.from_message(pb.StreamGradientsResponse.FromString(raw))
+
+
+def _parse_fast(raw: bytes) -> StreamChunk:
+    view = memoryview(raw)
+    size = len(raw)
+    name, kind, dtype, shape, offset, data, loss = "", 0, 0, (), 0, b"", None
+    pos = 0
+    while pos < size:
+        tag = raw[pos]
+        pos += 1
+        if tag in (0x0A, 0x22, 0x32):  # name, packed shape, data: length-delimited
+            length, pos = _read_varint(raw, pos)
+            end = pos + length
+            if end > size:
+                raise _Unusual
+            if tag == 0x32:
+                data = view[pos:end]
+            elif tag == 0x0A:
+                name = raw[pos:end].decode()
+            else:
+                dims = []
+                while pos < end:
+                    dim, pos = _read_varint(raw, pos)
+                    if dim >= 1 << 63:
+                        raise _Unusual  # a negative dimension
+                    dims.append(dim)
+                if pos != end:
+                    raise _Unusual
+                shape = (*shape, *dims)
+            pos = end
+        elif tag in (0x10, 0x18, 0x28):  # kind, dtype, offset: varints
+            value, pos = _read_varint(raw, pos)
+            if (value >= 1 << 31 and tag != 0x28) or value >= 1 << 63:
+                raise _Unusual  # negative as int32/int64: let protobuf decide
+            if tag == 0x10:
+                kind = value
+            elif tag == 0x18:
+                dtype = value
+            else:
+                offset = value
+        elif tag == 0x39:  # loss: double
+            if pos + 8 > size:
+                raise _Unusual
+            (loss,) = struct.unpack_from("<d", raw, pos)
+            pos += 8
+        else:
+            raise _Unusual
+    return StreamChunk(name, kind, dtype, shape, offset, data, loss)
+
+
 @dataclass
 class _Pending:
     """A tensor being filled from stream chunks."""
@@ -151,9 +255,11 @@ class _ChunkAssembler:
         self._seen: set[tuple[int, str]] = set()
         self._messages = 0
 
-    def add(self, chunk: pb.StreamGradientsResponse) -> None:
+    def add(self, chunk: StreamChunk | pb.StreamGradientsResponse) -> None:
         """Copies one stream message's bytes into its tensor."""
-        if self._messages == 0 and chunk.HasField("loss"):
+        if not isinstance(chunk, StreamChunk):
+            chunk = StreamChunk.from_message(chunk)
+        if self._messages == 0 and chunk.loss is not None:
             self.loss = chunk.loss
         self._messages += 1
         if self._current is None or (self._current.kind, self._current.name) != (chunk.kind, chunk.name):
@@ -168,7 +274,7 @@ class _ChunkAssembler:
             raise DataLoss("gradient stream ended without any tensor")
         return self.tensors
 
-    def _open(self, chunk: pb.StreamGradientsResponse) -> _Pending:
+    def _open(self, chunk: StreamChunk) -> _Pending:
         key = (chunk.kind, chunk.name)
         if key in self._seen:
             raise DataLoss(f"tensor {chunk.name!r} was sent twice in the stream")
@@ -178,7 +284,7 @@ class _ChunkAssembler:
         array = np.empty(shape, dtype=dt)
         return _Pending(chunk.name, chunk.kind, array, array.reshape(-1).view(np.uint8))
 
-    def _write(self, pending: _Pending, chunk: pb.StreamGradientsResponse) -> None:
+    def _write(self, pending: _Pending, chunk: StreamChunk) -> None:
         _check_same_layout(pending, chunk)
         size = len(chunk.data)
         _check_offset(pending, chunk.offset, size)
@@ -198,8 +304,8 @@ class _ChunkAssembler:
         self.tensors.append(AssembledTensor(pending.name, pending.kind, pending.array))
 
 
-def _check_same_layout(pending: _Pending, chunk: pb.StreamGradientsResponse) -> None:
-    if tuple(chunk.shape) != pending.array.shape or _WIRE_DTYPES.get(chunk.dtype) != pending.array.dtype:
+def _check_same_layout(pending: _Pending, chunk: StreamChunk) -> None:
+    if chunk.shape != pending.array.shape or _WIRE_DTYPES.get(chunk.dtype) != pending.array.dtype:
         raise DataLoss(f"tensor {pending.name!r} changed shape or dtype between chunks")
 
 

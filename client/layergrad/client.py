@@ -51,7 +51,13 @@ import numpy.typing as npt
 from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
 from layergrad._gen.layergrad.v1 import gradient_service_pb2_grpc as pb_grpc
 from layergrad._inputs import Images, to_inputs
-from layergrad._tensors import AssembledTensor, _ChunkAssembler, dtype_name, from_tensor
+from layergrad._tensors import (
+    AssembledTensor,
+    _ChunkAssembler,
+    dtype_name,
+    from_tensor,
+    parse_stream_chunk,
+)
 from layergrad.errors import ClientClosedError, DataLoss, from_grpc_error
 from layergrad.losses import Loss
 
@@ -79,6 +85,10 @@ DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.keepalive_timeout_ms", 20_000),
     ("grpc.keepalive_permit_without_calls", 0),
     ("grpc.primary_user_agent", f"layergrad-python/{_VERSION}"),
+    # Each Client gets its own connection instead of sharing one with every channel of
+    # the process to the same target (gRPC's global subchannel pool), so that several
+    # Clients spread over the worker processes of a `--workers N` server.
+    ("grpc.use_local_subchannel_pool", 1),
 )
 
 RETRY_BUFFER_BYTES = 64 << 20
@@ -292,6 +302,14 @@ class Client:
         else:
             self._channel = grpc.secure_channel(target, credentials, options=channel_options)
         self._stub = pb_grpc.GradientServiceStub(self._channel)
+        # Stream messages are parsed by hand so each chunk's data is copied only once,
+        # straight into its preallocated array (see ``parse_stream_chunk``).
+        self._stub.StreamGradients = self._channel.unary_stream(
+            f"/{SERVICE_NAME}/StreamGradients",
+            request_serializer=pb.StreamGradientsRequest.SerializeToString,
+            response_deserializer=parse_stream_chunk,
+            _registered_method=True,
+        )
         self._closed = False
 
     def __repr__(self) -> str:

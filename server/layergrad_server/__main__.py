@@ -8,8 +8,12 @@ import signal
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from layergrad_server import config as config_module
+
+if TYPE_CHECKING:
+    from layergrad_server.engine import WeightsSource
 
 logger = logging.getLogger("layergrad_server")
 
@@ -28,13 +32,44 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def configure_logging(log_format: str, level: str) -> None:
+def configure_logging(log_format: str, level: str, worker: int | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
         handler.setFormatter(_JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        tag = "" if worker is None else f"[worker {worker}] "
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+def limit_blas_threads(count: int) -> None:
+    """Caps this process's BLAS threads (a worker's are already capped by its environment)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        logger.warning("--blas-threads needs threadpoolctl (pip install threadpoolctl); ignored")
+        return
+    threadpool_limits(limits=count, user_api="blas")
+    logger.info("BLAS limited to %d thread(s)", count)
+
+
+def supervise(config: config_module.ServerConfig, argv: list[str]) -> int:
+    """``--workers N`` with N > 1: runs the workers (see ``workers``) until SIGTERM/SIGINT."""
+    from layergrad_server.workers import Supervisor
+
+    try:
+        supervisor = Supervisor(config, argv)
+    except OSError as error:
+        logger.error("cannot listen on %s: %s", config.address, error)
+        return 2
+
+    def request_stop(signum: int, frame: object) -> None:
+        logger.info("received %s; stopping the workers", signal.Signals(signum).name)
+        supervisor.request_stop()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    return supervisor.run()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,13 +80,21 @@ def main(argv: list[str] | None = None) -> int:
         return weights_main(argv[1:])
     args = config_module.build_parser().parse_args(argv)
     config = config_module.from_args(args)
-    configure_logging(config.log_format, config.log_level)
+    configure_logging(config.log_format, config.log_level, config.worker_index)
+    if config.workers > 1:
+        return supervise(config, argv)
+    worker = config.worker_ready_fd is not None
+    if worker:
+        from layergrad_server.workers import follow_parent
+
+        follow_parent()
+    elif config.blas_threads:
+        limit_blas_threads(config.blas_threads)
 
     # Imported after logging is set up: importing Chainer is slow and may warn.
     from layergrad_server.auth import TokenFileError
-    from layergrad_server.engine import WeightsSource
-    from layergrad_server.server import GradientServer
-    from layergrad_server.weights import WeightsError, resolve_weights
+    from layergrad_server.server import GradientServer, load_model
+    from layergrad_server.weights import WeightsError
 
     stop_requested = threading.Event()
 
@@ -62,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
 
+    if worker:
+        return serve_worker(config, stop_requested)
     try:
         server = GradientServer(config)
     except (TokenFileError, OSError) as error:
@@ -69,11 +114,62 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     server.start()
     try:
-        resolved = resolve_weights(config.weights)
+        weights = load_weights_source(config)
     except WeightsError as error:
         logger.error("cannot load weights: %s", error)
         server.stop(0)
         return 1
+    if not stop_requested.is_set():
+        try:
+            server.attach(load_model(config, weights))
+        except (ValueError, RuntimeError) as error:  # a bad or unusable --device
+            logger.error("cannot use device %s: %s", config.device, error)
+            server.stop(0)
+            return 2
+    while not stop_requested.wait(0.5):
+        pass
+    server.stop()
+    return 0
+
+
+def serve_worker(config: config_module.ServerConfig, stop_requested: threading.Event) -> int:
+    """A worker of ``--workers N``: loads the model first, then listens (port shared) and serves."""
+    from layergrad_server.auth import TokenFileError
+    from layergrad_server.server import GradientServer, load_model
+    from layergrad_server.weights import WeightsError
+    from layergrad_server.workers import report_ready
+
+    try:
+        model = load_model(config, load_weights_source(config))
+    except WeightsError as error:
+        logger.error("cannot load weights: %s", error)
+        return 1
+    except (ValueError, RuntimeError) as error:  # a bad or unusable --device
+        logger.error("cannot use device %s: %s", config.device, error)
+        return 2
+    if stop_requested.is_set():
+        return 0
+    try:
+        server = GradientServer(config)
+    except (TokenFileError, OSError, RuntimeError) as error:
+        logger.error("cannot start: %s", error)
+        return 2
+    server.attach(model)
+    server.start()
+    assert config.worker_ready_fd is not None
+    report_ready(config.worker_ready_fd)
+    while not stop_requested.wait(0.5):
+        pass
+    server.stop()
+    return 0
+
+
+def load_weights_source(config: config_module.ServerConfig) -> WeightsSource:
+    """The configured weights, resolved (downloaded or converted if need be); WeightsError if not."""
+    from layergrad_server.engine import WeightsSource
+    from layergrad_server.weights import resolve_weights
+
+    resolved = resolve_weights(config.weights)
     weights = WeightsSource(
         source=resolved.source,
         pretrained=resolved.pretrained,
@@ -87,17 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             "run `layergrad-server weights fetch` or pass --weights PATH for pretrained VGG16",
             weights.source,
         )
-    if not stop_requested.is_set():
-        try:
-            server.load(weights)
-        except (ValueError, RuntimeError) as error:  # a bad or unusable --device
-            logger.error("cannot use device %s: %s", config.device, error)
-            server.stop(0)
-            return 2
-    while not stop_requested.wait(0.5):
-        pass
-    server.stop()
-    return 0
+    return weights
 
 
 if __name__ == "__main__":

@@ -11,6 +11,15 @@ from layergrad_server.images import ImageLimits
 MIB = 1 << 20
 
 
+# The largest data field of a stream message by default. Measured on loopback
+# (scripts/bench_download.py), chunks of ~4 MiB were no faster than 1 MiB once
+# messages are built and parsed with one copy each (gRPC's transport dominates),
+# and raised the client's peak memory (more bytes buffered in flight); 1 MiB also
+# keeps every message far under the 4 MiB that gRPC clients of any language
+# accept by default.
+DEFAULT_STREAM_CHUNK_BYTES = 1 * MIB
+
+
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
     """Everything the server process is configured with."""
@@ -18,7 +27,7 @@ class ServerConfig:
     address: str = "127.0.0.1:50051"
     weights: str | None = None
     max_unary_response_bytes: int = 64 * MIB
-    stream_chunk_bytes: int = 1 * MIB
+    stream_chunk_bytes: int = DEFAULT_STREAM_CHUNK_BYTES
     max_request_bytes: int = 64 * MIB
     max_batch_size: int = 32
     device: str = "@numpy"
@@ -34,6 +43,12 @@ class ServerConfig:
     tls_client_ca: str | None = None
     tokens_file: str | None = None
     tokens: str | None = dataclasses.field(default=None, repr=False)  # $LAYERGRAD_TOKENS
+    workers: int = 1
+    blas_threads: int = 0  # 0: the BLAS library's default
+    # Set in the worker processes of ``--workers N`` (see ``workers``): the pipe to
+    # report readiness on, and the worker's number.
+    worker_ready_fd: int | None = None
+    worker_index: int | None = None
 
     @property
     def handler_threads(self) -> int:
@@ -49,6 +64,20 @@ class ServerConfig:
 # Handler threads beyond those admitted compute calls can hold: for health checks,
 # GetModelInfo and refusing calls over the limits.
 SPARE_THREADS = 4
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_workers(cpus: int) -> int:
+    """One worker on up to 2 CPUs (one VGG16 backward already keeps 2 cores busy through
+    BLAS), else one per 2 CPUs, at most 4 (each holds the model: ~1.3 GB resident)."""
+    return 1 if cpus <= 2 else min(cpus // 2, 4)
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -88,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--stream-chunk-bytes",
         type=int,
         default=int(_env("STREAM_CHUNK_BYTES", str(defaults.stream_chunk_bytes))),
+        help="largest data field of a StreamGradients message (default %(default)s: each message "
+        "stays under gRPC's default 4 MiB receive limit)",
     )
     parser.add_argument(
         "--max-request-bytes",
@@ -122,6 +153,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=float(_env("GRACE", str(defaults.grace_seconds))),
         help="seconds in-flight calls get to finish on SIGTERM/SIGINT",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=int(_env("WORKERS", "0")),
+        help="server processes sharing the port, each holding the model and computing one call at "
+        "a time (default 0: 1 on up to 2 CPUs, else CPUs/2 up to 4)",
+    )
+    parser.add_argument(
+        "--blas-threads",
+        type=int,
+        default=int(_env("BLAS_THREADS", "0")),
+        help="BLAS threads per worker (default 0: the BLAS default with one worker, else CPUs/workers)",
+    )
+    parser.add_argument("--worker-ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument(
         "--max-image-pixels",
         type=int,
@@ -158,6 +204,12 @@ def from_args(args: argparse.Namespace) -> ServerConfig:
     ):
         if getattr(args, name) <= 0:
             raise SystemExit(f"layergrad-server: --{name.replace('_', '-')} must be positive")
+    if args.workers < 0 or args.blas_threads < 0:
+        raise SystemExit("layergrad-server: --workers and --blas-threads must not be negative")
+    workers = args.workers or default_workers(usable_cpus())
+    blas_threads = args.blas_threads
+    if workers > 1 and not blas_threads:
+        blas_threads = max(1, usable_cpus() // workers)
     if args.max_queue < 0 or args.threads < 0:
         raise SystemExit("layergrad-server: --max-queue and --threads must not be negative")
     if args.threads and args.threads <= args.compute_slots + args.max_queue:
@@ -189,4 +241,8 @@ def from_args(args: argparse.Namespace) -> ServerConfig:
         tls_client_ca=args.tls_client_ca,
         tokens_file=args.tokens_file,
         tokens=os.environ.get("LAYERGRAD_TOKENS"),
+        workers=workers,
+        blas_threads=blas_threads,
+        worker_ready_fd=args.worker_ready_fd,
+        worker_index=args.worker_index,
     )

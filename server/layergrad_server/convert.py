@@ -7,6 +7,7 @@ Tensors on the wire are flattened row-major little-endian with no padding.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -226,7 +227,9 @@ def array_to_tensor(array: np.ndarray) -> pb.Tensor:
 
 
 def named_tensor(tensor: engine.ResultTensor) -> pb.NamedTensor:
-    return pb.NamedTensor(name=tensor.name, kind=KINDS[tensor.kind], tensor=array_to_tensor(tensor.array))
+    return pb.NamedTensor(
+        name=tensor.name, kind=KINDS[tensor.kind], tensor=array_to_tensor(tensor.converted())
+    )
 
 
 def gradients_response(result: engine.GradientResult) -> pb.ComputeGradientsResponse:
@@ -243,26 +246,115 @@ def gradients_response(result: engine.GradientResult) -> pb.ComputeGradientsResp
 def gradient_chunks(result: engine.GradientResult, chunk_bytes: int) -> Iterator[pb.StreamGradientsResponse]:
     """A gradient result as stream messages of at most ``chunk_bytes`` data bytes each.
 
-    Tensors are sliced through a memoryview, so only one chunk is copied at a time.
+    The reference encoding, through the generated class; the server sends the
+    byte-identical ``gradient_frames``.
     """
     first = True
     for tensor in result.tensors:
-        array = _little_endian(tensor.array)
-        flat = memoryview(array.reshape(-1).view(np.uint8))
         header = {
             "name": tensor.name,
             "kind": KINDS[tensor.kind],
-            "dtype": dtype_enum(array.dtype),
-            "shape": array.shape,
+            "dtype": dtype_enum(tensor.output_dtype),
+            "shape": tensor.array.shape,
         }
-        for offset in range(0, max(len(flat), 1), chunk_bytes):
-            message = pb.StreamGradientsResponse(
-                offset=offset, data=bytes(flat[offset : offset + chunk_bytes]), **header
-            )
+        for offset, data in _byte_chunks(tensor, chunk_bytes):
+            message = pb.StreamGradientsResponse(offset=offset, data=bytes(data), **header)
             if first and result.loss is not None:
                 message.loss = result.loss
             first = False
             yield message
+
+
+# Wire format of StreamGradientsResponse (field number << 3 | wire type), in field order.
+_NAME = b"\x0a"  # 1, length-delimited
+_KIND = b"\x10"  # 2, varint
+_DTYPE = b"\x18"  # 3, varint
+_SHAPE = b"\x22"  # 4, packed varints
+_OFFSET = b"\x28"  # 5, varint
+_DATA = b"\x32"  # 6, length-delimited
+_LOSS = b"\x39"  # 7, 64-bit
+
+
+def _varint(value: int) -> bytes:
+    """A non-negative integer as a protobuf base-128 varint."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _frame_header(name: str, kind: int, dtype: int, shape: tuple[int, ...]) -> bytes:
+    """Fields 1-4 of a StreamGradientsResponse, encoded once per tensor (proto3: defaults omitted)."""
+    parts = []
+    encoded = name.encode()
+    if encoded:
+        parts += [_NAME, _varint(len(encoded)), encoded]
+    if kind:
+        parts += [_KIND, _varint(kind)]
+    if dtype:
+        parts += [_DTYPE, _varint(dtype)]
+    if shape:
+        packed = b"".join(_varint(d) for d in shape)
+        parts += [_SHAPE, _varint(len(packed)), packed]
+    return b"".join(parts)
+
+
+def gradient_frames(result: engine.GradientResult, chunk_bytes: int) -> Iterator[bytes]:
+    """The messages of ``gradient_chunks``, serialized: the same bytes, with one copy of the data.
+
+    Each message is built with one ``join`` of the tensor's header (encoded once),
+    the offset, the data's length and a memoryview slice of the tensor, so the data
+    is copied once (no ``bytes()`` slice, no message object). Tensors whose output
+    type differs from their compute type are converted chunk by chunk, so the first
+    message leaves before the whole result is converted.
+    """
+    first = True
+    for tensor in result.tensors:
+        header = _frame_header(
+            tensor.name, KINDS[tensor.kind], dtype_enum(tensor.output_dtype), tensor.array.shape
+        )
+        for offset, data in _byte_chunks(tensor, chunk_bytes):
+            loss = b""
+            if first and result.loss is not None:
+                loss = _LOSS + struct.pack("<d", result.loss)
+            first = False
+            yield b"".join(
+                (
+                    header,
+                    _OFFSET + _varint(offset) if offset else b"",
+                    _DATA + _varint(len(data)) if len(data) else b"",
+                    data,
+                    loss,
+                )
+            )
+
+
+def _byte_chunks(tensor: engine.ResultTensor, chunk_bytes: int) -> Iterator[tuple[int, memoryview]]:
+    """(offset, bytes) pieces of at most ``chunk_bytes`` of the tensor in its output type,
+    little-endian; one piece, empty, for an empty tensor."""
+    dtype = tensor.output_dtype.newbyteorder("<")
+    if tensor.array.dtype == dtype:
+        flat = memoryview(np.ascontiguousarray(tensor.array).reshape(-1).view(np.uint8))
+        for offset in range(0, max(len(flat), 1), chunk_bytes):
+            yield offset, flat[offset : offset + chunk_bytes]
+        return
+    source = tensor.array.reshape(-1)
+    total = source.size * dtype.itemsize
+    for offset in range(0, max(total, 1), chunk_bytes):
+        end = min(offset + chunk_bytes, total)
+        first, last = offset // dtype.itemsize, -(-end // dtype.itemsize)
+        block = memoryview(source[first:last].astype(dtype).view(np.uint8))
+        skip = offset - first * dtype.itemsize
+        yield offset, block[skip : skip + end - offset]
+
+
+def stream_response_serializer(response: bytes | pb.StreamGradientsResponse) -> bytes:
+    """StreamGradients' response serializer: frames pass through, messages are serialized."""
+    if isinstance(response, bytes):
+        return response
+    return response.SerializeToString()
 
 
 def predict_response(tensors: Sequence[engine.ResultTensor]) -> pb.PredictResponse:

@@ -155,11 +155,26 @@ class Plan:
 
 @dataclasses.dataclass(frozen=True)
 class ResultTensor:
-    """One computed tensor."""
+    """One computed tensor.
+
+    ``dtype``, when set, is the requested output element type that ``array`` (still
+    in the compute type) has not been converted to yet: the consumer converts it,
+    for example chunk by chunk while streaming. ``converted()`` does it at once.
+    """
 
     name: str
     kind: Kind
     array: np.ndarray
+    dtype: np.dtype | None = None
+
+    @property
+    def output_dtype(self) -> np.dtype:
+        """The element type the tensor is returned in."""
+        return self.array.dtype if self.dtype is None else self.dtype
+
+    def converted(self) -> np.ndarray:
+        """The array in its output element type."""
+        return self.array.astype(self.output_dtype, copy=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -504,8 +519,14 @@ class Engine:
             arrays = {n: _to_host(acts[n].array) for n in names}
         return [ResultTensor(n, Kind.ACTIVATION, arrays[n].astype(output_dtype, copy=False)) for n in names]
 
-    def gradients(self, plan: Plan, *, checkpoint: Checkpoint | None = None) -> GradientResult:
-        """Runs a planned query with the requested backward pattern."""
+    def gradients(
+        self, plan: Plan, *, checkpoint: Checkpoint | None = None, defer_dtype: bool = False
+    ) -> GradientResult:
+        """Runs a planned query with the requested backward pattern.
+
+        With ``defer_dtype`` the arrays stay in the compute type and each result
+        tensor carries the output type for its consumer to convert to.
+        """
         query = plan.query
         with (
             self._lock,
@@ -527,7 +548,9 @@ class Engine:
                 for spec in plan.results
             ]
         tensors = [
-            ResultTensor(spec.name, spec.kind, array.astype(spec.dtype, copy=False))
+            ResultTensor(spec.name, spec.kind, array, spec.dtype)
+            if defer_dtype and array.dtype != spec.dtype
+            else ResultTensor(spec.name, spec.kind, array.astype(spec.dtype, copy=False))
             for spec, array in zip(plan.results, arrays, strict=True)
         ]
         return GradientResult(tensors, loss_value)

@@ -12,8 +12,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
-from layergrad._gen.layergrad.v1 import gradient_service_pb2_grpc as pb_grpc
 
+from layergrad_server import convert
 from layergrad_server.admission import Admission
 from layergrad_server.auth import TokenStore
 from layergrad_server.config import MIB, ServerConfig
@@ -73,6 +73,56 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     )
 
 
+def add_gradient_service(servicer: GradientServicer, server: grpc.Server) -> None:
+    """Registers GradientService like the generated ``add_GradientServiceServicer_to_server``,
+    except that StreamGradients sends the already serialized messages its handler yields."""
+    handlers = {
+        "ComputeGradients": grpc.unary_unary_rpc_method_handler(
+            servicer.ComputeGradients,
+            request_deserializer=pb.ComputeGradientsRequest.FromString,
+            response_serializer=pb.ComputeGradientsResponse.SerializeToString,
+        ),
+        "StreamGradients": grpc.unary_stream_rpc_method_handler(
+            servicer.StreamGradients,
+            request_deserializer=pb.StreamGradientsRequest.FromString,
+            response_serializer=convert.stream_response_serializer,
+        ),
+        "Predict": grpc.unary_unary_rpc_method_handler(
+            servicer.Predict,
+            request_deserializer=pb.PredictRequest.FromString,
+            response_serializer=pb.PredictResponse.SerializeToString,
+        ),
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetModelInfo,
+            request_deserializer=pb.GetModelInfoRequest.FromString,
+            response_serializer=pb.GetModelInfoResponse.SerializeToString,
+        ),
+    }
+    missing = set(pb.DESCRIPTOR.services_by_name["GradientService"].methods_by_name) - set(handlers)
+    if missing:
+        raise RuntimeError(f"GradientService methods without a handler: {sorted(missing)}")
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+def load_model(config: ServerConfig, weights: WeightsSource) -> Engine:
+    """The model on the configured device, after one warm-up backward pass."""
+    started = time.perf_counter()
+    model = Engine(weights, max_batch_size=config.max_batch_size, device=config.device)
+    loaded = time.perf_counter()
+    model.warm_up()
+    logger.info(
+        "loaded VGG16 weights=%s pretrained=%s file_sha256=%s parameters_sha256=%s load=%.2fs warm_up=%.2fs",
+        weights.source,
+        weights.pretrained,
+        weights.file_sha256 or "-",
+        model.parameters_sha256,
+        loaded - started,
+        time.perf_counter() - loaded,
+    )
+    return model
+
+
 class GradientServer:
     """A running gRPC server; serves once ``load`` has attached a warmed-up model.
 
@@ -91,8 +141,12 @@ class GradientServer:
             interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", config.max_request_bytes),
-                ("grpc.max_send_message_length", config.max_unary_response_bytes + MIB),
-                ("grpc.so_reuseport", 0),
+                (
+                    "grpc.max_send_message_length",
+                    max(config.max_unary_response_bytes, config.stream_chunk_bytes) + MIB,
+                ),
+                # Worker processes of --workers share the port (the kernel spreads connections).
+                ("grpc.so_reuseport", 1 if config.worker_ready_fd is not None else 0),
                 *KEEPALIVE_OPTIONS,
             ],
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
@@ -100,7 +154,7 @@ class GradientServer:
         self.admission = Admission(config.compute_slots, config.max_queue)
         self._servicer = GradientServicer(config, self.admission)
         self._health = health.HealthServicer(experimental_non_blocking=True)
-        pb_grpc.add_GradientServiceServicer_to_server(self._servicer, self._server)
+        add_gradient_service(self._servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server
@@ -132,8 +186,10 @@ class GradientServer:
     def start(self) -> None:
         self._server.start()
         logger.info(
-            "listening on %s (%s; %d compute slot(s), queue %d, %d threads; health NOT_SERVING until "
+            "%s %s (%s; %d compute slot(s), queue %d, %d threads; health NOT_SERVING until "
             "the model is ready)",
+            # A worker of --workers: its parent says "listening on" once every worker serves.
+            "listening on" if self.config.worker_ready_fd is None else "worker sharing",
             self.address,
             self._security,
             self.config.compute_slots,
@@ -143,21 +199,8 @@ class GradientServer:
 
     def load(self, weights: WeightsSource) -> Engine:
         """Loads the model, runs one warm-up backward pass, then starts serving it."""
-        started = time.perf_counter()
-        model = Engine(weights, max_batch_size=self.config.max_batch_size, device=self.config.device)
-        loaded = time.perf_counter()
-        model.warm_up()
+        model = load_model(self.config, weights)
         self.attach(model)
-        logger.info(
-            "serving VGG16 weights=%s pretrained=%s file_sha256=%s parameters_sha256=%s "
-            "load=%.2fs warm_up=%.2fs",
-            weights.source,
-            weights.pretrained,
-            weights.file_sha256 or "-",
-            model.parameters_sha256,
-            loaded - started,
-            time.perf_counter() - loaded,
-        )
         return model
 
     def attach(self, model: Engine) -> None:

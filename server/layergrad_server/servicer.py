@@ -64,15 +64,16 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
 
     def StreamGradients(  # noqa: N802
         self, request: pb.StreamGradientsRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.StreamGradientsResponse]:
+    ) -> Iterator[bytes]:
+        """Yields serialized StreamGradientsResponse messages (see ``convert.gradient_frames``)."""
         model = self._model
         with self._admit(f"gradients/{request.pattern}", request, context) as call:
             plan = self._plan(model, request)
             with call.computing():
-                result = model.gradients(plan, checkpoint=call.checkpoint)
-            for chunk in convert.gradient_chunks(result, self._config.stream_chunk_bytes):
+                result = model.gradients(plan, checkpoint=call.checkpoint, defer_dtype=True)
+            for frame in convert.gradient_frames(result, self._config.stream_chunk_bytes):
                 call.checkpoint()  # stop sending once the caller is gone
-                yield chunk
+                yield frame
 
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:  # noqa: N802
         model = self._model

@@ -1,0 +1,170 @@
+"""The StreamGradients fast path: hand-serialized frames on the server, a hand parser in the SDK.
+
+Both must be exactly the protobuf wire format: frames parse with the generated
+class into the same messages (and bytes) as the reference encoding, and the SDK's
+parser agrees with the generated class, falling back to it on anything unusual.
+"""
+
+from __future__ import annotations
+
+import layergrad_server  # noqa: F401  (applies the numpy 2 shim Chainer needs)
+
+# isort: split
+import grpc
+import layergrad
+import numpy as np
+import pytest
+from conftest import make_rgb
+from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
+from layergrad._gen.layergrad.v1 import gradient_service_pb2_grpc as pb_grpc
+from layergrad._tensors import _ChunkAssembler, parse_stream_chunk
+from layergrad_server import convert, engine
+from layergrad_server.config import DEFAULT_STREAM_CHUNK_BYTES
+
+Kind = engine.Kind
+F32 = np.float32
+
+
+def result_tensors(defer: bool) -> list[engine.ResultTensor]:
+    """Tensors of every shape class; ``defer`` leaves the float16 one unconverted (as the server does)."""
+    rng = np.random.default_rng(0)
+    half = rng.standard_normal((2, 3, 5)).astype(np.float32)
+    return [
+        engine.ResultTensor("input", Kind.INPUT_GRADIENT, half, np.dtype(np.float16))
+        if defer
+        else engine.ResultTensor("input", Kind.INPUT_GRADIENT, half.astype(np.float16)),
+        engine.ResultTensor("conv5_3", Kind.LAYER_GRADIENT, rng.standard_normal((1, 7, 3, 3)).astype(F32)),
+        engine.ResultTensor("fc8/W", Kind.PARAMETER_GRADIENT, rng.standard_normal((300, 7)).astype(F32)),
+        engine.ResultTensor("empty", Kind.LAYER_GRADIENT, np.zeros((0, 4), np.float32)),
+        engine.ResultTensor("scalar", Kind.ACTIVATION, np.array(3.5, np.float32)),
+        engine.ResultTensor("prob", Kind.ACTIVATION, np.arange(6, dtype=np.float32).reshape(2, 3)),
+    ]
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 3, 8, 1000, 1 << 20])
+@pytest.mark.parametrize("loss", [None, 0.0, -1.25])
+def test_frames_are_byte_identical_to_the_generated_serialization(chunk_bytes, loss):
+    reference = [
+        message.SerializeToString()
+        for message in convert.gradient_chunks(
+            engine.GradientResult(result_tensors(False), loss), chunk_bytes
+        )
+    ]
+    frames = list(convert.gradient_frames(engine.GradientResult(result_tensors(True), loss), chunk_bytes))
+    assert frames == reference
+    parsed = [pb.StreamGradientsResponse.FromString(frame) for frame in frames]
+    assert parsed[0].HasField("loss") == (loss is not None)
+    assert not any(message.HasField("loss") for message in parsed[1:])
+    assert all(len(message.data) <= chunk_bytes for message in parsed)
+
+
+def test_frames_reassemble_to_the_tensors_with_the_sdk_parser_and_the_generated_class():
+    tensors = result_tensors(True)
+    frames = list(convert.gradient_frames(engine.GradientResult(tensors, 2.5), 16))
+    for parse in (parse_stream_chunk, pb.StreamGradientsResponse.FromString):
+        assembler = _ChunkAssembler()
+        for frame in frames:
+            assembler.add(parse(frame))
+        assembled = assembler.finish()
+        assert assembler.loss == 2.5
+        assert [(t.name, t.kind) for t in assembled] == [(t.name, convert.KINDS[t.kind]) for t in tensors]
+        for got, sent in zip(assembled, tensors, strict=True):
+            assert got.array.dtype == sent.output_dtype
+            np.testing.assert_array_equal(got.array, sent.converted())
+
+
+def test_sdk_parser_returns_a_view_of_the_data_not_a_copy():
+    frame = next(convert.gradient_frames(engine.GradientResult(result_tensors(True)[2:3], None), 1 << 20))
+    chunk = parse_stream_chunk(frame)
+    assert isinstance(chunk.data, memoryview) and chunk.data.obj is frame
+    assert (chunk.name, chunk.shape, chunk.offset, chunk.loss) == ("fc8/W", (300, 7), 0, None)
+
+
+def _as_tuple(message: pb.StreamGradientsResponse) -> tuple:
+    return (
+        message.name,
+        message.kind,
+        message.dtype,
+        tuple(message.shape),
+        message.offset,
+        bytes(message.data),
+        message.loss if message.HasField("loss") else None,
+    )
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        pb.StreamGradientsResponse(),
+        pb.StreamGradientsResponse(
+            name="x", kind=3, dtype=1, shape=[2, 0, 1 << 40], offset=1 << 33, data=b"ab"
+        ),
+        pb.StreamGradientsResponse(name="ü/W", dtype=2, shape=[5], loss=float("inf")),
+        pb.StreamGradientsResponse(name="neg", kind=-1, dtype=-5, shape=[-3], offset=-7),  # fallback
+    ],
+)
+def test_sdk_parser_agrees_with_the_generated_class(message):
+    raw = message.SerializeToString()
+    chunk = parse_stream_chunk(raw)
+    assert (
+        chunk.name,
+        chunk.kind,
+        chunk.dtype,
+        chunk.shape,
+        chunk.offset,
+        bytes(chunk.data),
+        chunk.loss,
+    ) == (_as_tuple(message))
+
+
+def test_sdk_parser_falls_back_to_the_generated_class_on_unknown_or_unpacked_fields():
+    message = pb.StreamGradientsResponse(name="fc8/b", kind=3, dtype=1, shape=[4], offset=8, data=b"\x01" * 8)
+    raw = message.SerializeToString()
+    unknown = raw + b"\x98\x06\x05"  # field 99, varint 5: an unknown field from a newer server
+    unpacked = raw.replace(b"\x22\x01\x04", b"\x20\x04")  # shape as an unpacked repeated field
+    for variant in (unknown, unpacked):
+        chunk = parse_stream_chunk(variant)
+        assert (chunk.name, chunk.shape, chunk.offset, bytes(chunk.data)) == ("fc8/b", (4,), 8, b"\x01" * 8)
+    with pytest.raises(Exception):  # noqa: B017  (protobuf's DecodeError, as before the fast path)
+        parse_stream_chunk(raw[:-3])
+
+
+def test_default_chunk_keeps_every_message_under_grpcs_default_receive_limit():
+    name = "x" * 64
+    tensor = engine.ResultTensor(name, Kind.PARAMETER_GRADIENT, np.zeros((2, 3 << 20), np.float32))
+    frames = convert.gradient_frames(engine.GradientResult([tensor], 1.0), DEFAULT_STREAM_CHUNK_BYTES)
+    assert max(len(frame) for frame in frames) < 4 * 1024 * 1024
+
+
+def test_stream_through_the_service_matches_the_unary_call_and_the_generated_stub(client, server):
+    """The SDK (fast parser), the generated stub (FromString) and the unary RPC agree exactly."""
+    image = make_rgb(3)
+    loss = layergrad.SumOfSquares("fc7")
+    for dtype in ("float32", "float16"):
+        kwargs = dict(pattern="backward", parameters=["fc8/W", "fc7/b"], input=True, dtype=dtype)
+        streamed = client.gradients(image, loss, **kwargs)
+        unary = client.compute_gradients_unary(image, loss, **kwargs)
+        assert streamed.loss == unary.loss
+        np.testing.assert_array_equal(streamed.input, unary.input)
+        assert streamed.input.dtype == np.dtype(dtype)
+        for name in ("fc8/W", "fc7/b"):
+            np.testing.assert_array_equal(streamed.parameters[name], unary.parameters[name])
+            assert streamed.parameters[name].dtype == np.dtype(dtype)
+
+    request = pb.StreamGradientsRequest(
+        inputs=[pb.Input(prepared=layergrad._tensors.to_tensor(np.zeros((3, 224, 224), np.float32)))],
+        loss=loss._to_proto(),
+        pattern=pb.BACKWARD_PATTERN_BACKWARD,
+        targets=pb.GradientTargets(parameters=["fc8/W"]),
+    )
+    with grpc.insecure_channel(
+        server.address, options=[("grpc.max_receive_message_length", 64 << 20)]
+    ) as channel:
+        messages = list(pb_grpc.GradientServiceStub(channel).StreamGradients(request, timeout=120))
+    assembler = _ChunkAssembler()
+    for message in messages:
+        assembler.add(message)
+    generated = assembler.finish()[0].array
+    expected = client.parameter_gradients(np.zeros((3, 224, 224), np.float32), loss, ["fc8/W"])["fc8/W"]
+    np.testing.assert_array_equal(generated, expected)
+    assert messages[0].HasField("loss") and all(len(m.data) <= DEFAULT_STREAM_CHUNK_BYTES for m in messages)
