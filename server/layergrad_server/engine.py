@@ -28,6 +28,7 @@ import numpy as np
 from chainer.links.model.vision import vgg
 
 from layergrad_server.errors import InvalidArgument, names_hint
+from layergrad_server.weights.convert import VGG16_LAYOUT
 
 logger = logging.getLogger(__name__)
 
@@ -206,9 +207,8 @@ def random_weights_npz(seed: int) -> io.BytesIO:
     so it loads through the same ``load_npz`` path as a weights file.
     """
     rng = np.random.default_rng(seed)
-    shapes = _parameter_shapes()
     arrays = {}
-    for name, shape in shapes:
+    for name, shape in VGG16_LAYOUT.items():
         if name.endswith("/W"):
             fan_in = int(np.prod(shape[1:]))
             std = np.sqrt(2.0 / fan_in) / (128.0 if name == "conv1_1/W" else 1.0)
@@ -219,29 +219,6 @@ def random_weights_npz(seed: int) -> io.BytesIO:
     np.savez(buffer, **arrays)
     buffer.seek(0)
     return buffer
-
-
-def _parameter_shapes() -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of every VGG16 parameter in model order, from the Chainer links."""
-    shapes = []
-    in_channels = 3
-    for name, out_channels in _CONV_CHANNELS:
-        shapes.append((f"{name}/W", (out_channels, in_channels, 3, 3)))
-        shapes.append((f"{name}/b", (out_channels,)))
-        in_channels = out_channels
-    for name, n_in, n_out in (("fc6", 512 * 7 * 7, 4096), ("fc7", 4096, 4096), ("fc8", 4096, 1000)):
-        shapes.append((f"{name}/W", (n_out, n_in)))
-        shapes.append((f"{name}/b", (n_out,)))
-    return shapes
-
-
-_CONV_CHANNELS = [
-    ("conv1_1", 64), ("conv1_2", 64),
-    ("conv2_1", 128), ("conv2_2", 128),
-    ("conv3_1", 256), ("conv3_2", 256), ("conv3_3", 256),
-    ("conv4_1", 512), ("conv4_2", 512), ("conv4_3", 512),
-    ("conv5_1", 512), ("conv5_2", 512), ("conv5_3", 512),
-]  # fmt: skip
 
 
 Checkpoint = Callable[[], None]
@@ -291,9 +268,8 @@ class Engine:
         self.net.to_device(self.device)
         self.layer_names: tuple[str, ...] = tuple(self.net.available_layers)
         self._layer_index = {name: i for i, name in enumerate(self.layer_names)}
-        self._params = {
-            name.lstrip("/"): param for name, param in sorted(self.net.namedparams(), key=_param_order_key)
-        }
+        params = {name.lstrip("/"): param for name, param in self.net.namedparams()}
+        self._params = {name: params[name] for name in VGG16_LAYOUT}  # model order
         self.parameter_names: tuple[str, ...] = tuple(self._params)
         self.parameters_sha256 = self._parameters_digest()
         self.layer_shapes: dict[str, tuple[int, ...]] = {}
@@ -632,11 +608,3 @@ class Engine:
 def _to_host(array: object) -> np.ndarray:
     """A device array as a numpy array (no copy when it already is one)."""
     return chainer.backend.CpuDevice().send(array)
-
-
-def _param_order_key(item: tuple[str, chainer.Parameter]) -> tuple[int, int]:
-    """Model order: links in forward order, W before b."""
-    name = item[0].lstrip("/")
-    link, _, attr = name.partition("/")
-    order = [n for n, _ in _CONV_CHANNELS] + ["fc6", "fc7", "fc8"]
-    return order.index(link), 0 if attr == "W" else 1
