@@ -51,6 +51,7 @@ import numpy.typing as npt
 from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
 from layergrad._gen.layergrad.v1 import gradient_service_pb2_grpc as pb_grpc
 from layergrad._inputs import Images, to_inputs
+from layergrad._shm import read_segment
 from layergrad._tensors import (
     AssembledTensor,
     _ChunkAssembler,
@@ -383,6 +384,7 @@ class Client:
         activations: Names = (),
         dtype: OutputDType = "float32",
         timeout: float | None = None,
+        shared_memory: bool = False,
     ) -> GradientResult:
         """Computes the requested gradients of ``loss``, streamed so any size works.
 
@@ -397,7 +399,17 @@ class Client:
             activations: layers whose forward outputs to return too.
             dtype: element type of the returned tensors, "float32" or "float16".
             timeout: deadline of the whole call in seconds; None uses the client's timeout.
+            shared_memory: get the result through a POSIX shared memory segment (the
+                ExportGradients RPC) instead of the connection: the same arrays, faster for
+                large results. Only for a server on this host (a loopback or ``unix:``
+                target) started with ``--shared-memory``, running as the same user;
+                FailedPrecondition if the server has it off. The SDK copies the tensors
+                out and unlinks the segment, also when the copy fails.
         """
+        if shared_memory:
+            return self._export_gradients(
+                images, loss, pattern, parameters, layers, input, activations, dtype, timeout
+            )
         request = _gradients_request(
             pb.StreamGradientsRequest, images, loss, pattern, parameters, layers, input, activations, dtype
         )
@@ -410,6 +422,32 @@ class Client:
             finally:
                 stream.cancel()  # no-op once the stream has ended; frees it on a local error
         return _gradient_result(assembler.finish(), assembler.loss)
+
+    def _export_gradients(
+        self,
+        images: Images,
+        loss: Loss,
+        pattern: Pattern | str,
+        parameters: Names | None,
+        layers: Names | None,
+        input: bool,
+        activations: Names,
+        dtype: OutputDType,
+        timeout: float | None,
+    ) -> GradientResult:
+        """``gradients(shared_memory=True)``: ExportGradients, then the segment's tensors."""
+        if not _is_local(self.target):
+            raise ValueError(
+                f"shared_memory=True needs a server on this host (a loopback or unix: target), "
+                f"not {self.target!r}"
+            )
+        request = _gradients_request(
+            pb.ExportGradientsRequest, images, loss, pattern, parameters, layers, input, activations, dtype
+        )
+        with self._rpc():
+            response = self._stub.ExportGradients(request, timeout=self._timeout(timeout))
+        tensors = read_segment(response)
+        return _gradient_result(tensors, response.loss if response.HasField("loss") else None)
 
     def compute_gradients_unary(
         self,
@@ -545,6 +583,11 @@ def _is_loopback(target: str) -> bool:
         return False
 
 
+def _is_local(target: str) -> bool:
+    """Whether ``target`` is on this host: a loopback address or a unix socket."""
+    return target.startswith(("unix:", "unix-abstract:")) or _is_loopback(target)
+
+
 def _merge_options(
     defaults: Sequence[tuple[str, Any]], extra: Sequence[tuple[str, Any]] | Mapping[str, Any] | None
 ) -> list[tuple[str, Any]]:
@@ -554,7 +597,9 @@ def _merge_options(
 
 
 def _gradients_request(
-    message_type: type[pb.ComputeGradientsRequest] | type[pb.StreamGradientsRequest],
+    message_type: type[pb.ComputeGradientsRequest]
+    | type[pb.StreamGradientsRequest]
+    | type[pb.ExportGradientsRequest],
     images: Images,
     loss: Loss,
     pattern: Pattern | str,

@@ -189,11 +189,11 @@ def output_dtype(value: int) -> np.dtype:
 
 
 def query_from_proto(
-    request: pb.ComputeGradientsRequest | pb.StreamGradientsRequest,
+    request: pb.ComputeGradientsRequest | pb.StreamGradientsRequest | pb.ExportGradientsRequest,
     image_limits: images.ImageLimits,
     max_batch_size: int,
 ) -> engine.GradientQuery:
-    """A gradient request (unary or stream: same fields) as an engine query."""
+    """A gradient request (unary, stream or export: same fields) as an engine query."""
     targets = request.targets
     return engine.GradientQuery(
         inputs=inputs_to_batch(request.inputs, image_limits, max_batch_size),

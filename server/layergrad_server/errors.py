@@ -46,6 +46,13 @@ class ResultTooLarge(LayergradError):
     default_reason = "RESULT_TOO_LARGE"
 
 
+class FailedPrecondition(LayergradError):
+    """The server is not set up for this call (a feature that is turned off)."""
+
+    status = "FAILED_PRECONDITION"
+    default_reason = "FAILED_PRECONDITION"
+
+
 class Overloaded(LayergradError):
     """Every compute slot and queue place is taken; ``retry_after`` says when to retry."""
 

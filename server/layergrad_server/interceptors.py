@@ -218,7 +218,7 @@ def required_scopes(method: str, request: Any) -> set[str]:
     """The token scopes a GradientService call needs (see ``auth``)."""
     if method == "Predict":
         return {auth.PREDICT}
-    if method in ("ComputeGradients", "StreamGradients"):
+    if method in ("ComputeGradients", "StreamGradients", "ExportGradients"):
         targets = request.targets
         return auth.gradient_scopes(
             input=targets.input,

@@ -87,6 +87,11 @@ def add_gradient_service(servicer: GradientServicer, server: grpc.Server) -> Non
             request_deserializer=pb.StreamGradientsRequest.FromString,
             response_serializer=convert.stream_response_serializer,
         ),
+        "ExportGradients": grpc.unary_unary_rpc_method_handler(
+            servicer.ExportGradients,
+            request_deserializer=pb.ExportGradientsRequest.FromString,
+            response_serializer=pb.ExportGradientsResponse.SerializeToString,
+        ),
         "Predict": grpc.unary_unary_rpc_method_handler(
             servicer.Predict,
             request_deserializer=pb.PredictRequest.FromString,
@@ -234,6 +239,7 @@ class GradientServer:
         # Only cheap calls (and endless health watches) remain when the admission is idle.
         linger = min(max(deadline - time.monotonic(), 0.0), 2.0) if self.admission.admitted == 0 else 0.0
         self._server.stop(linger).wait()
+        self._servicer.close()
         self._stopped.set()
         logger.info("stopped")
 

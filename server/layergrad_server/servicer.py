@@ -17,7 +17,8 @@ from layergrad._gen.layergrad.v1 import gradient_service_pb2_grpc as pb_grpc
 from layergrad_server import __version__, convert, engine
 from layergrad_server.admission import Admission, AdmittedCall
 from layergrad_server.config import ServerConfig
-from layergrad_server.errors import ResultTooLarge, Unavailable
+from layergrad_server.errors import FailedPrecondition, ResultTooLarge, Unavailable
+from layergrad_server.shm import SegmentRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,12 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         self._admission = admission
         self._engine: engine.Engine | None = None
         self._model_info: pb.GetModelInfoResponse | None = None
+        self._segments = SegmentRegistry(config.shm_claim_seconds) if config.shared_memory else None
+
+    def close(self) -> None:
+        """Unlinks every ExportGradients segment not claimed yet (on server stop)."""
+        if self._segments is not None:
+            self._segments.close()
 
     def attach(self, model: engine.Engine) -> None:
         """Starts serving ``model``; until then every call is UNAVAILABLE."""
@@ -75,6 +82,41 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
                 call.checkpoint()  # stop sending once the caller is gone
                 yield frame
 
+    def ExportGradients(  # noqa: N802
+        self, request: pb.ExportGradientsRequest, context: grpc.ServicerContext
+    ) -> pb.ExportGradientsResponse:
+        """StreamGradients' result in one shared memory segment that the caller unlinks."""
+        if self._segments is None:
+            raise FailedPrecondition(
+                "ExportGradients (shared memory results) is disabled on this server: start it with "
+                "--shared-memory, or use StreamGradients",
+                reason="SHARED_MEMORY_DISABLED",
+            )
+        model = self._model
+        with self._admit(f"gradients/{request.pattern}", request, context) as call:
+            plan = self._plan(model, request)
+            with call.computing():
+                result = model.gradients(plan, checkpoint=call.checkpoint, defer_dtype=True)
+            call.checkpoint()  # no segment for a caller already gone
+            name, size, offsets = self._segments.export(result.tensors)
+        response = pb.ExportGradientsResponse(
+            segment_name=name,
+            segment_bytes=size,
+            tensors=[
+                pb.TensorRef(
+                    name=tensor.name,
+                    kind=convert.KINDS[tensor.kind],
+                    dtype=convert.dtype_enum(tensor.output_dtype),
+                    shape=tensor.array.shape,
+                    offset=offset,
+                )
+                for tensor, offset in zip(result.tensors, offsets, strict=True)
+            ],
+        )
+        if result.loss is not None:
+            response.loss = result.loss
+        return response
+
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:  # noqa: N802
         model = self._model
         with self._admit("predict", request, context) as call:
@@ -96,7 +138,10 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
     def _admit(
         self,
         kind: str,
-        request: pb.ComputeGradientsRequest | pb.StreamGradientsRequest | pb.PredictRequest,
+        request: pb.ComputeGradientsRequest
+        | pb.StreamGradientsRequest
+        | pb.ExportGradientsRequest
+        | pb.PredictRequest,
         context: grpc.ServicerContext,
     ) -> contextlib.AbstractContextManager[AdmittedCall]:
         """A place among the admitted calls (before decoding anything), or a refusal."""
@@ -105,7 +150,9 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         return self._admission.enter(kind, len(request.inputs), deadline, context.is_active)
 
     def _plan(
-        self, model: engine.Engine, request: pb.ComputeGradientsRequest | pb.StreamGradientsRequest
+        self,
+        model: engine.Engine,
+        request: pb.ComputeGradientsRequest | pb.StreamGradientsRequest | pb.ExportGradientsRequest,
     ) -> engine.Plan:
         query = convert.query_from_proto(request, self._config.image_limits, self._config.max_batch_size)
         return model.plan(query)

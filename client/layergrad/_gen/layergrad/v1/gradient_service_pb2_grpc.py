@@ -49,6 +49,11 @@ class GradientServiceStub:
                 request_serializer=layergrad_dot_v1_dot_gradient__service__pb2.StreamGradientsRequest.SerializeToString,
                 response_deserializer=layergrad_dot_v1_dot_gradient__service__pb2.StreamGradientsResponse.FromString,
                 _registered_method=True)
+        self.ExportGradients = channel.unary_unary(
+                '/layergrad.v1.GradientService/ExportGradients',
+                request_serializer=layergrad_dot_v1_dot_gradient__service__pb2.ExportGradientsRequest.SerializeToString,
+                response_deserializer=layergrad_dot_v1_dot_gradient__service__pb2.ExportGradientsResponse.FromString,
+                _registered_method=True)
         self.Predict = channel.unary_unary(
                 '/layergrad.v1.GradientService/Predict',
                 request_serializer=layergrad_dot_v1_dot_gradient__service__pb2.PredictRequest.SerializeToString,
@@ -85,6 +90,24 @@ class GradientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportGradients(self, request, context):
+        """Computes the same result as StreamGradients (identical bytes) and returns
+        it in one POSIX shared memory segment instead of over the connection: a
+        fast path for a caller on the same host as the server. Disabled unless the
+        server runs with --shared-memory (FAILED_PRECONDITION otherwise). Needs the
+        same token scopes as StreamGradients.
+
+        The segment is created readable and writable by the server's user only, so
+        the caller must be on the same host and run as the same user. The caller
+        owns the segment: it maps it, copies the tensors out and unlinks it
+        (shm_unlink); the Python SDK does this. The server unlinks a segment the
+        caller has not unlinked within --shm-claim-seconds (default 60) of its
+        creation, and every segment it created when it stops.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Predict(self, request, context):
         """Runs the forward pass only and returns the requested layers' outputs, like
         Chainer's VGG16Layers.extract().
@@ -112,6 +135,11 @@ def add_GradientServiceServicer_to_server(servicer, server):
                     servicer.StreamGradients,
                     request_deserializer=layergrad_dot_v1_dot_gradient__service__pb2.StreamGradientsRequest.FromString,
                     response_serializer=layergrad_dot_v1_dot_gradient__service__pb2.StreamGradientsResponse.SerializeToString,
+            ),
+            'ExportGradients': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportGradients,
+                    request_deserializer=layergrad_dot_v1_dot_gradient__service__pb2.ExportGradientsRequest.FromString,
+                    response_serializer=layergrad_dot_v1_dot_gradient__service__pb2.ExportGradientsResponse.SerializeToString,
             ),
             'Predict': grpc.unary_unary_rpc_method_handler(
                     servicer.Predict,
@@ -182,6 +210,33 @@ class GradientService:
             '/layergrad.v1.GradientService/StreamGradients',
             layergrad_dot_v1_dot_gradient__service__pb2.StreamGradientsRequest.SerializeToString,
             layergrad_dot_v1_dot_gradient__service__pb2.StreamGradientsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportGradients(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/layergrad.v1.GradientService/ExportGradients',
+            layergrad_dot_v1_dot_gradient__service__pb2.ExportGradientsRequest.SerializeToString,
+            layergrad_dot_v1_dot_gradient__service__pb2.ExportGradientsResponse.FromString,
             options,
             channel_credentials,
             insecure,
