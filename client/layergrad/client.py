@@ -406,13 +406,17 @@ class Client:
                 FailedPrecondition if the server has it off. The SDK copies the tensors
                 out and unlinks the segment, also when the copy fails.
         """
-        if shared_memory:
-            return self._export_gradients(
-                images, loss, pattern, parameters, layers, input, activations, dtype, timeout
+        kind = pb.ExportGradientsRequest if shared_memory else pb.StreamGradientsRequest
+        if shared_memory and not _is_local(self.target):
+            raise ValueError(
+                f"shared_memory=True needs a server on this host (a loopback or unix: target), "
+                f"not {self.target!r}"
             )
         request = _gradients_request(
-            pb.StreamGradientsRequest, images, loss, pattern, parameters, layers, input, activations, dtype
+            kind, images, loss, pattern, parameters, layers, input, activations, dtype
         )
+        if shared_memory:
+            return self._export_gradients(request, timeout)
         assembler = _ChunkAssembler()
         with self._rpc():
             stream = self._stub.StreamGradients(request, timeout=self._timeout(timeout))
@@ -423,27 +427,8 @@ class Client:
                 stream.cancel()  # no-op once the stream has ended; frees it on a local error
         return _gradient_result(assembler.finish(), assembler.loss)
 
-    def _export_gradients(
-        self,
-        images: Images,
-        loss: Loss,
-        pattern: Pattern | str,
-        parameters: Names | None,
-        layers: Names | None,
-        input: bool,
-        activations: Names,
-        dtype: OutputDType,
-        timeout: float | None,
-    ) -> GradientResult:
+    def _export_gradients(self, request: pb.ExportGradientsRequest, timeout: float | None) -> GradientResult:
         """``gradients(shared_memory=True)``: ExportGradients, then the segment's tensors."""
-        if not _is_local(self.target):
-            raise ValueError(
-                f"shared_memory=True needs a server on this host (a loopback or unix: target), "
-                f"not {self.target!r}"
-            )
-        request = _gradients_request(
-            pb.ExportGradientsRequest, images, loss, pattern, parameters, layers, input, activations, dtype
-        )
         with self._rpc():
             response = self._stub.ExportGradients(request, timeout=self._timeout(timeout))
         tensors = read_segment(response)
