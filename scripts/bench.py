@@ -50,6 +50,7 @@ for _path in (ROOT / "client", ROOT / "server"):
 
 import grpc  # noqa: E402
 import layergrad  # noqa: E402
+from layergrad_server.weights.convert import VGG16_LAYOUT  # noqa: E402
 
 SEED = 0
 CLASS = 7
@@ -63,22 +64,9 @@ ENV_VARS = (
     "OMP_NUM_THREADS",
     "MKL_NUM_THREADS",
 )
-VGG_CONVS = (
-    ("conv1_1", 3, 64),
-    ("conv1_2", 64, 64),
-    ("conv2_1", 64, 128),
-    ("conv2_2", 128, 128),
-    ("conv3_1", 128, 256),
-    ("conv3_2", 256, 256),
-    ("conv3_3", 256, 256),
-    ("conv4_1", 256, 512),
-    ("conv4_2", 512, 512),
-    ("conv4_3", 512, 512),
-    ("conv5_1", 512, 512),
-    ("conv5_2", 512, 512),
-    ("conv5_3", 512, 512),
-)
-VGG_FCS = (("fc6", 512 * 7 * 7, 4096), ("fc7", 4096, 4096), ("fc8", 4096, 1000))
+# (layer, inputs, outputs) of VGG16's conv and fc layers, from the one layout table.
+VGG_CONVS = tuple((k[:-2], s[1], s[0]) for k, s in VGG16_LAYOUT.items() if k.endswith("/W") and len(s) == 4)
+VGG_FCS = tuple((k[:-2], s[1], s[0]) for k, s in VGG16_LAYOUT.items() if k.endswith("/W") and len(s) == 2)
 POOL_AFTER = {"conv1_2", "conv2_2", "conv3_3", "conv4_3", "conv5_3"}
 
 
