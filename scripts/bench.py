@@ -1313,7 +1313,17 @@ def main(argv: list[str] | None = None) -> int:
 
     report = run(args)
     report["targets"] = targets(report)
-    text = render(report)
+    # The same-host shared-memory path (scripts/bench_shm.py), on a --shared-memory server of its own.
+    import bench_shm
+
+    log("shared-memory download (scripts/bench_shm.py)")
+    try:
+        report["shared_memory"] = bench_shm.measure(args.repeat)
+    except Exception as error:  # the rest of the report still stands
+        report["shared_memory"] = {"error": f"{type(error).__name__}: {error}"}
+    report["targets"].append(bench_shm.target(report["shared_memory"]))
+    head, sep, tail = render(report).partition("\ntargets:\n")
+    text = head + "\n" + "\n".join(bench_shm.report_lines(report["shared_memory"])) + "\n" + sep + tail
     report["table"] = text
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(_finite(report), indent=2, default=_json_default, allow_nan=False) + "\n")

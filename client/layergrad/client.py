@@ -13,6 +13,17 @@ parameter gradients are about 553 MB) arrive in chunks that are copied straight
 into preallocated arrays. Every failure raises a :class:`layergrad.errors.LayergradError`
 subclass chosen by gRPC status code.
 
+Same-host shared memory: ``gradients(..., shared_memory=True)`` has the server
+(started with ``--shared-memory``) write the result into a POSIX shared memory
+region that the Client creates on first use and reuses (growing it when a result
+does not fit), instead of sending it over the connection. With ``copy=False`` the
+arrays are read-only views of that region, the fastest way (no copy at all): they
+are valid until the next ``shared_memory=True`` call of the same Client, which
+overwrites the region. The Client unlinks its regions on :meth:`Client.close`,
+when it is garbage collected and at interpreter exit; a process killed outright
+leaves them in ``/dev/shm`` until the server, which notices that their owner is
+gone, unlinks them (about a second later, for regions it has written into).
+
 Security: ``root_certificates=`` (and ``private_key=`` + ``certificate_chain=``
 for servers that require client certificates) or ``credentials=`` open a TLS
 channel; ``token=`` sends ``authorization: Bearer <token>`` through gRPC's
@@ -38,6 +49,7 @@ import ipaddress
 import json
 import logging
 import math
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -51,7 +63,7 @@ import numpy.typing as npt
 from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
 from layergrad._gen.layergrad.v1 import gradient_service_pb2_grpc as pb_grpc
 from layergrad._inputs import Images, to_inputs
-from layergrad._shm import read_segment
+from layergrad._shm import RegionPool
 from layergrad._tensors import (
     AssembledTensor,
     _ChunkAssembler,
@@ -59,7 +71,7 @@ from layergrad._tensors import (
     from_tensor,
     parse_stream_chunk,
 )
-from layergrad.errors import ClientClosedError, DataLoss, from_grpc_error
+from layergrad.errors import ClientClosedError, DataLoss, InvalidArgument, NotFound, from_grpc_error
 from layergrad.losses import Loss
 
 __all__ = [
@@ -93,6 +105,8 @@ DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
 )
 
 RETRY_BUFFER_BYTES = 64 << 20
+# ExportGradients calls made again after replacing a region too small or gone.
+_REGION_RETRIES = 2
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GradientService"].full_name
 RETRY_SERVICE_CONFIG = {
     "methodConfig": [
@@ -302,6 +316,7 @@ class Client:
             self._channel = grpc.insecure_channel(target, options=channel_options)
         else:
             self._channel = grpc.secure_channel(target, credentials, options=channel_options)
+        self._regions = RegionPool()
         self._stub = pb_grpc.GradientServiceStub(self._channel)
         # Stream messages are parsed by hand so each chunk's data is copied only once,
         # straight into its preallocated array (see ``parse_stream_chunk``).
@@ -335,10 +350,28 @@ class Client:
         return self._closed
 
     def close(self) -> None:
-        """Closes the channel, cancelling calls in flight. Calling it again does nothing."""
+        """Closes the channel, cancelling calls in flight, and unlinks the shared memory regions.
+
+        Calling it again does nothing. Arrays returned with ``copy=False`` keep their
+        memory (no longer shared) for as long as they live.
+        """
         if not self._closed:
             self._closed = True
             self._channel.close()
+            self._regions.close()
+
+    @property
+    def shared_memory_regions(self) -> list[str]:
+        """POSIX names of the shared memory segments this Client holds now (see ``shared_memory``)."""
+        return self._regions.names()
+
+    def free_shared_memory(self) -> None:
+        """Unlinks this Client's shared memory regions now; the next ``shared_memory`` call makes a new one.
+
+        A region is as large as the largest result so far (553 MB for every parameter
+        gradient), and stays until the Client is closed unless freed here.
+        """
+        self._regions.clear()
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """Describes the served model: input format, layers, parameters, weights, limits."""
@@ -385,6 +418,7 @@ class Client:
         dtype: OutputDType = "float32",
         timeout: float | None = None,
         shared_memory: bool = False,
+        copy: bool = True,
     ) -> GradientResult:
         """Computes the requested gradients of ``loss``, streamed so any size works.
 
@@ -399,12 +433,21 @@ class Client:
             activations: layers whose forward outputs to return too.
             dtype: element type of the returned tensors, "float32" or "float16".
             timeout: deadline of the whole call in seconds; None uses the client's timeout.
-            shared_memory: get the result through a POSIX shared memory segment (the
-                ExportGradients RPC) instead of the connection: the same arrays, faster for
-                large results. Only for a server on this host (a loopback or ``unix:``
-                target) started with ``--shared-memory``, running as the same user;
-                FailedPrecondition if the server has it off. The SDK copies the tensors
-                out and unlinks the segment, also when the copy fails.
+            shared_memory: have the server write the result into this Client's POSIX shared
+                memory region (the ExportGradients RPC) instead of sending it over the
+                connection: the same tensors, much faster for large results. Only for a
+                server on this host (a loopback or ``unix:`` target) started with
+                ``--shared-memory``, running as the same user; FailedPrecondition if the
+                server has it off. The region is created on first use, reused by later
+                calls and replaced by a bigger one when a result does not fit (one region
+                per call in flight); :meth:`close` unlinks it. OSError if the region cannot be
+                created (for example ``/dev/shm`` is full).
+            copy: with ``shared_memory``, whether to copy each tensor out of the region
+                into its own array (the default: the arrays are yours to keep). With
+                ``copy=False`` the arrays are read-only views of the region, with no copy
+                at all: they are valid until the next ``shared_memory=True`` call of this
+                Client, which overwrites them, so copy what you keep. Without
+                ``shared_memory`` it has no effect (streamed arrays are always your own).
         """
         kind = pb.ExportGradientsRequest if shared_memory else pb.StreamGradientsRequest
         if shared_memory and not _is_local(self.target):
@@ -416,7 +459,7 @@ class Client:
             kind, images, loss, pattern, parameters, layers, input, activations, dtype
         )
         if shared_memory:
-            return self._export_gradients(request, timeout)
+            return self._export_gradients(request, timeout, copy)
         assembler = _ChunkAssembler()
         with self._rpc():
             stream = self._stub.StreamGradients(request, timeout=self._timeout(timeout))
@@ -427,11 +470,42 @@ class Client:
                 stream.cancel()  # no-op once the stream has ended; frees it on a local error
         return _gradient_result(assembler.finish(), assembler.loss)
 
-    def _export_gradients(self, request: pb.ExportGradientsRequest, timeout: float | None) -> GradientResult:
-        """``gradients(shared_memory=True)``: ExportGradients, then the segment's tensors."""
-        with self._rpc():
-            response = self._stub.ExportGradients(request, timeout=self._timeout(timeout))
-        tensors = read_segment(response)
+    def _export_gradients(
+        self, request: pb.ExportGradientsRequest, timeout: float | None, copy: bool
+    ) -> GradientResult:
+        """``gradients(shared_memory=True)``: ExportGradients into a region of this Client's pool.
+
+        A region too small for the result (the server says how many bytes it needs,
+        before computing anything) or unlinked by someone else is replaced and the
+        call made again, within the same deadline.
+        """
+        self._check_open()
+        total = self._timeout(timeout)
+        deadline = None if total is None else time.monotonic() + total
+        region = self._regions.acquire()
+        try:
+            retries = 0
+            while True:
+                request.region.CopyFrom(region.to_proto())
+                remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                try:
+                    with self._rpc():
+                        response = self._stub.ExportGradients(request, timeout=remaining)
+                    break
+                except (InvalidArgument, NotFound) as exc:
+                    size = _region_size_needed(exc, region.size)
+                    if size is None or retries == _REGION_RETRIES:
+                        raise
+                retries += 1
+                region = self._regions.replace(region, size)
+            try:
+                tensors = region.read(response, copy=copy)
+            except ValueError as exc:
+                if self._closed:  # the region was unmapped by close() from another thread
+                    raise ClientClosedError("the client was closed during the call") from exc
+                raise
+        finally:
+            self._regions.release(region)
         return _gradient_result(tensors, response.loss if response.HasField("loss") else None)
 
     def compute_gradients_unary(
@@ -674,6 +748,19 @@ def _gradient_result(tensors: Sequence[AssembledTensor], loss: float | None) -> 
         activations=groups[pb.TENSOR_KIND_ACTIVATION],
         loss=loss,
     )
+
+
+def _region_size_needed(error: InvalidArgument | NotFound, size: int) -> int | None:
+    """The size of a region to retry ExportGradients with, or None when retrying cannot help."""
+    if error.reason == "REGION_NOT_FOUND":
+        return size
+    if error.reason != "REGION_TOO_SMALL" or error.error_info is None:
+        return None
+    try:
+        needed = int(error.error_info.metadata["needed_bytes"])
+    except (KeyError, ValueError):
+        return None
+    return needed if needed > size else None
 
 
 def _missing(what: str) -> Exception:

@@ -35,10 +35,8 @@ class ServerConfig:
     max_queue: int = 8
     threads: int = 0  # 0: compute_slots + max_queue + SPARE_THREADS
     grace_seconds: float = 10.0
-    # ExportGradients (same-host shared memory results), off by default, and how
-    # long a segment waits to be unlinked by its caller before the server does it.
+    # ExportGradients (results written into same-host callers' shared memory), off by default.
     shared_memory: bool = False
-    shm_claim_seconds: float = 60.0
     image_limits: ImageLimits = dataclasses.field(default_factory=ImageLimits)
     log_format: str = "text"
     log_level: str = "INFO"
@@ -161,15 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--shared-memory",
         action=argparse.BooleanOptionalAction,
         default=_env("SHARED_MEMORY", "0").lower() in ("1", "true", "yes"),
-        help="serve ExportGradients: results in POSIX shared memory segments, for callers on this "
-        "host running as this user (default off)",
-    )
-    parser.add_argument(
-        "--shm-claim-seconds",
-        type=float,
-        default=float(_env("SHM_CLAIM_SECONDS", str(defaults.shm_claim_seconds))),
-        help="seconds after which the server unlinks an ExportGradients segment its caller has not "
-        "unlinked (default %(default)s)",
+        help="serve ExportGradients: results written into POSIX shared memory segments that callers "
+        "on this host, running as this user, create and name (default off)",
     )
     parser.add_argument(
         "--workers",
@@ -235,8 +226,6 @@ def from_args(args: argparse.Namespace) -> ServerConfig:
             f"layergrad-server: --threads {args.threads} must exceed --compute-slots + --max-queue "
             f"({args.compute_slots + args.max_queue}), or health checks could wait behind compute"
         )
-    if args.shm_claim_seconds <= 0:
-        raise SystemExit("layergrad-server: --shm-claim-seconds must be positive")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise SystemExit("layergrad-server: --tls-cert and --tls-key go together")
     if args.tls_client_ca and not args.tls_cert:
@@ -254,7 +243,6 @@ def from_args(args: argparse.Namespace) -> ServerConfig:
         threads=args.threads,
         grace_seconds=args.grace,
         shared_memory=args.shared_memory,
-        shm_claim_seconds=args.shm_claim_seconds,
         image_limits=ImageLimits(max_pixels=args.max_image_pixels),
         log_format=args.log_format,
         log_level=args.log_level.upper(),

@@ -3,12 +3,16 @@
 Every error a caller can cause is a ``LayergradError`` subclass carrying the
 gRPC status it maps to (by name, so this module needs no grpc), a stable
 machine-readable ``reason`` and, where one request field is at fault, that
-field's path (``loss.class_score.classes``) and, when retrying later may work, a
-retry delay. ``interceptors.py`` turns them into gRPC statuses with google.rpc
-details; anything else becomes INTERNAL.
+field's path (``loss.class_score.classes``), when retrying later may work, a
+retry delay, and optional string ``metadata`` for the ErrorInfo detail
+(machine-readable values a client may act on, such as a needed size).
+``interceptors.py`` turns them into gRPC statuses with google.rpc details;
+anything else becomes INTERNAL.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 
 class LayergradError(Exception):
@@ -24,12 +28,14 @@ class LayergradError(Exception):
         field: str | None = None,
         reason: str | None = None,
         retry_after: float | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.field = field
         self.reason = reason or self.default_reason
         self.retry_after = retry_after
+        self.metadata = dict(metadata or {})
 
 
 class InvalidArgument(LayergradError):
@@ -37,6 +43,13 @@ class InvalidArgument(LayergradError):
 
     status = "INVALID_ARGUMENT"
     default_reason = "INVALID_ARGUMENT"
+
+
+class NotFound(LayergradError):
+    """Something the request names outside the model (a shared memory segment) does not exist."""
+
+    status = "NOT_FOUND"
+    default_reason = "NOT_FOUND"
 
 
 class ResultTooLarge(LayergradError):

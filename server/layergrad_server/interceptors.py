@@ -1,10 +1,11 @@
 """Maps exceptions raised by RPC handlers to gRPC statuses, in one place; checks tokens.
 
 A ``LayergradError`` becomes its status with google.rpc details: ``ErrorInfo``
-(stable ``reason``, domain ``layergrad.dev``), ``BadRequest`` naming the request
-field at fault, and ``RetryInfo`` when retrying later may work (also sent as the
-``grpc-retry-pushback-ms`` trailer, which gRPC clients' retry policies honour;
-other RESOURCE_EXHAUSTED statuses carry a pushback of -1: do not retry). Any
+(stable ``reason``, domain ``layergrad.dev``, the error's ``metadata``),
+``BadRequest`` naming the request field at fault, and ``RetryInfo`` when
+retrying later may work (also sent as the ``grpc-retry-pushback-ms`` trailer,
+which gRPC clients' retry policies honour; other RESOURCE_EXHAUSTED statuses
+carry a pushback of -1: do not retry). Any
 other exception is logged with its traceback and becomes ``INTERNAL "Internal
 server error"``: no exception text ever reaches a client.
 
@@ -53,7 +54,7 @@ class _RichStatus(_Status, grpc.Status):
 def status_for(error: LayergradError) -> grpc.Status:
     """The gRPC status, with rich details, of a domain error."""
     details: list[Any] = []
-    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN)
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata)
     details.append(info)
     if error.field:
         violation = error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.message)

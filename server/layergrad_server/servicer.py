@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import platform
 import time
@@ -18,12 +19,14 @@ from layergrad_server import __version__, convert, engine
 from layergrad_server.admission import Admission, AdmittedCall
 from layergrad_server.config import ServerConfig
 from layergrad_server.errors import FailedPrecondition, ResultTooLarge, Unavailable
-from layergrad_server.shm import SegmentRegistry
+from layergrad_server.shm import RegionMaps, check_region
 
 logger = logging.getLogger(__name__)
 
 # gRPC reports a call without a deadline as one centuries away.
 _NO_DEADLINE = 1e8
+# Trailer of ExportGradients with the server's time per phase (see ``ExportGradients``).
+SERVER_TIMING_KEY = "server-timing"
 
 
 class GradientServicer(pb_grpc.GradientServiceServicer):
@@ -34,12 +37,12 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         self._admission = admission
         self._engine: engine.Engine | None = None
         self._model_info: pb.GetModelInfoResponse | None = None
-        self._segments = SegmentRegistry(config.shm_claim_seconds) if config.shared_memory else None
+        self._regions = RegionMaps() if config.shared_memory else None
 
     def close(self) -> None:
-        """Unlinks every ExportGradients segment not claimed yet (on server stop)."""
-        if self._segments is not None:
-            self._segments.close()
+        """Unmaps the ExportGradients shared memory segments (on server stop); the callers own them."""
+        if self._regions is not None:
+            self._regions.close()
 
     def attach(self, model: engine.Engine) -> None:
         """Starts serving ``model``; until then every call is UNAVAILABLE."""
@@ -85,23 +88,38 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
     def ExportGradients(  # noqa: N802
         self, request: pb.ExportGradientsRequest, context: grpc.ServicerContext
     ) -> pb.ExportGradientsResponse:
-        """StreamGradients' result in one shared memory segment that the caller unlinks."""
-        if self._segments is None:
+        """StreamGradients' result written into the caller's shared memory region (see ``shm``).
+
+        Sends a ``server-timing`` trailer: ``pre`` (admission, decoding, planning,
+        mapping the region), ``compute`` (forward and backward) and ``write`` (copying
+        into the region), each ``<name>;dur=<milliseconds>``.
+        """
+        started = time.perf_counter()
+        if self._regions is None:
             raise FailedPrecondition(
                 "ExportGradients (shared memory results) is disabled on this server: start it with "
                 "--shared-memory, or use StreamGradients",
                 reason="SHARED_MEMORY_DISABLED",
             )
+        if not _is_local_peer(context.peer()):
+            raise FailedPrecondition(
+                "ExportGradients writes into shared memory on the server's host: call it over a "
+                "loopback address or a unix socket, or use StreamGradients",
+                reason="SHARED_MEMORY_NOT_LOCAL",
+            )
+        region = check_region(request)
         model = self._model
         with self._admit(f"gradients/{request.pattern}", request, context) as call:
             plan = self._plan(model, request)
-            with call.computing():
-                result = model.gradients(plan, checkpoint=call.checkpoint, defer_dtype=True)
-            call.checkpoint()  # no segment for a caller already gone
-            name, size, offsets = self._segments.export(result.tensors)
+            with self._regions.lease(region, plan.results) as target:
+                with call.computing():
+                    computing = time.perf_counter()
+                    result = model.gradients(plan, checkpoint=call.checkpoint, defer_dtype=True)
+                    computed = time.perf_counter()
+                call.checkpoint()  # nothing written for a caller already gone
+                target.write(result.tensors)
+                written = time.perf_counter()
         response = pb.ExportGradientsResponse(
-            segment_name=name,
-            segment_bytes=size,
             tensors=[
                 pb.TensorRef(
                     name=tensor.name,
@@ -110,11 +128,14 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
                     shape=tensor.array.shape,
                     offset=offset,
                 )
-                for tensor, offset in zip(result.tensors, offsets, strict=True)
+                for tensor, offset in zip(result.tensors, target.offsets, strict=True)
             ],
         )
         if result.loss is not None:
             response.loss = result.loss
+        phases = {"pre": computing - started, "compute": computed - computing, "write": written - computed}
+        timing = ", ".join(f"{name};dur={seconds * 1e3:.3f}" for name, seconds in phases.items())
+        context.set_trailing_metadata(((SERVER_TIMING_KEY, timing),))
         return response
 
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:  # noqa: N802
@@ -192,3 +213,22 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             stream_chunk_bytes=self._config.stream_chunk_bytes,
             max_batch_size=self._config.max_batch_size,
         )
+
+
+def _is_local_peer(peer: str) -> bool:
+    """Whether a gRPC peer (``ipv4:127.0.0.1:5000``, ``ipv6:[::1]:5000``, ``unix:...``) is this host."""
+    if peer.startswith(("unix:", "unix-abstract:")):
+        return True
+    if peer.startswith("ipv4:"):
+        host = peer.removeprefix("ipv4:").rsplit(":", 1)[0]
+    elif peer.startswith("ipv6:"):
+        host = peer.removeprefix("ipv6:").rsplit(":", 1)[0].strip("[]")
+    else:
+        return False
+    host = host.split("%", 1)[0]
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))

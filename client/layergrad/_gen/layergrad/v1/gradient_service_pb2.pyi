@@ -205,21 +205,33 @@ class StreamGradientsResponse(_message.Message):
     loss: float
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[TensorKind, str]] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., loss: _Optional[float] = ...) -> None: ...
 
+class SharedMemoryRegion(_message.Message):
+    __slots__ = ("name", "offset", "size")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    offset: int
+    size: int
+    def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
+
 class ExportGradientsRequest(_message.Message):
-    __slots__ = ("inputs", "loss", "pattern", "targets", "activation_layers", "output_dtype")
+    __slots__ = ("inputs", "loss", "pattern", "targets", "activation_layers", "output_dtype", "region")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     PATTERN_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
     ACTIVATION_LAYERS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
     inputs: _containers.RepeatedCompositeFieldContainer[Input]
     loss: Loss
     pattern: BackwardPattern
     targets: GradientTargets
     activation_layers: _containers.RepeatedScalarFieldContainer[str]
     output_dtype: DataType
-    def __init__(self, inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., loss: _Optional[_Union[Loss, _Mapping]] = ..., pattern: _Optional[_Union[BackwardPattern, str]] = ..., targets: _Optional[_Union[GradientTargets, _Mapping]] = ..., activation_layers: _Optional[_Iterable[str]] = ..., output_dtype: _Optional[_Union[DataType, str]] = ...) -> None: ...
+    region: SharedMemoryRegion
+    def __init__(self, inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., loss: _Optional[_Union[Loss, _Mapping]] = ..., pattern: _Optional[_Union[BackwardPattern, str]] = ..., targets: _Optional[_Union[GradientTargets, _Mapping]] = ..., activation_layers: _Optional[_Iterable[str]] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., region: _Optional[_Union[SharedMemoryRegion, _Mapping]] = ...) -> None: ...
 
 class TensorRef(_message.Message):
     __slots__ = ("name", "kind", "dtype", "shape", "offset")
@@ -236,16 +248,12 @@ class TensorRef(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[TensorKind, str]] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class ExportGradientsResponse(_message.Message):
-    __slots__ = ("segment_name", "segment_bytes", "tensors", "loss")
-    SEGMENT_NAME_FIELD_NUMBER: _ClassVar[int]
-    SEGMENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("tensors", "loss")
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
-    segment_name: str
-    segment_bytes: int
     tensors: _containers.RepeatedCompositeFieldContainer[TensorRef]
     loss: float
-    def __init__(self, segment_name: _Optional[str] = ..., segment_bytes: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorRef, _Mapping]]] = ..., loss: _Optional[float] = ...) -> None: ...
+    def __init__(self, tensors: _Optional[_Iterable[_Union[TensorRef, _Mapping]]] = ..., loss: _Optional[float] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
     __slots__ = ("inputs", "layers", "output_dtype")

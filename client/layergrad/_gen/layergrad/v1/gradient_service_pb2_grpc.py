@@ -91,18 +91,57 @@ class GradientServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ExportGradients(self, request, context):
-        """Computes the same result as StreamGradients (identical bytes) and returns
-        it in one POSIX shared memory segment instead of over the connection: a
-        fast path for a caller on the same host as the server. Disabled unless the
-        server runs with --shared-memory (FAILED_PRECONDITION otherwise). Needs the
-        same token scopes as StreamGradients.
+        """Computes the same result as StreamGradients (identical bytes) and writes it
+        into shared memory that the caller owns instead of sending it over the
+        connection: a fast path for a caller on the same host as the server.
+        Disabled unless the server runs with --shared-memory (FAILED_PRECONDITION,
+        reason SHARED_MEMORY_DISABLED, otherwise); refused with FAILED_PRECONDITION
+        (reason SHARED_MEMORY_NOT_LOCAL) for a peer that is not a loopback address
+        or a unix socket. Needs the same token scopes as StreamGradients.
 
-        The segment is created readable and writable by the server's user only, so
-        the caller must be on the same host and run as the same user. The caller
-        owns the segment: it maps it, copies the tensors out and unlinks it
-        (shm_unlink); the Python SDK does this. The server unlinks a segment the
-        caller has not unlinked within --shm-claim-seconds (default 60) of its
-        creation, and every segment it created when it stops.
+        The caller creates a POSIX shared memory segment (shm_open + ftruncate),
+        names a region of it in ExportGradientsRequest.region, and reuses it for
+        as many calls as it likes; the server maps the segment (it keeps the
+        mapping for later calls), copies each tensor into the region and answers
+        with where each tensor lies. The server never creates or resizes a
+        segment. It opens only names that start with "layergrad-", and only
+        segments owned by the user it runs as; so the caller must be on the same
+        host and run as the same user. Any caller allowed to call ExportGradients
+        can have the server write into any such segment: enable --shared-memory
+        only where every caller is trusted that far.
+
+        While the caller uses a segment it must hold a shared flock() on it
+        (flock(fd, LOCK_SH), kept for as long as a descriptor or mapping of that
+        open file lives: the kernel releases it when the process dies). A segment
+        named in a request without that lock is refused (FAILED_PRECONDITION,
+        reason REGION_NOT_LOCKED). The caller unlinks its segment (shm_unlink)
+        when it is done; the server then drops its mapping within about a second.
+        A segment whose creator died without unlinking it (nobody holds the lock
+        any more) is unlinked by the server within about a second, if the server
+        has seen it in a request since it started.
+
+        A successful call carries a "server-timing" trailer with the server's time
+        per phase in milliseconds: "pre;dur=<ms>, compute;dur=<ms>, write;dur=<ms>"
+        (before the forward pass; forward and backward; copying into the region).
+
+        Errors about the region, all but REGION_RESIZED before any compute, each
+        with an ErrorInfo reason and, where a field is at fault, a google.rpc
+        BadRequest naming it:
+        INVALID_ARGUMENT  region missing (REGION_REQUIRED), a name outside the
+        rules (REGION_NAME_INVALID), a bad offset or size
+        (REGION_OFFSET_INVALID, REGION_SIZE_INVALID), a region
+        that extends past the segment's end
+        (REGION_OUTSIDE_SEGMENT), or one too small for the
+        result (REGION_TOO_SMALL: ErrorInfo.metadata
+        "needed_bytes" holds the size the region needs, as a
+        decimal string; grow it and call again).
+        NOT_FOUND         no segment of that name (REGION_NOT_FOUND).
+        PERMISSION_DENIED a segment of another user, or one the server cannot
+        open read-write (REGION_PERMISSION_DENIED).
+        FAILED_PRECONDITION  nobody holds the lock (REGION_NOT_LOCKED), the
+        region's pages cannot be allocated, /dev/shm being full
+        (REGION_NOT_ALLOCATED), or the segment shrank during
+        the call (REGION_RESIZED, after compute).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
