@@ -19,6 +19,8 @@ MIB = 1 << 20
 # accept by default.
 DEFAULT_STREAM_CHUNK_BYTES = 1 * MIB
 
+CPU_KERNELS = ("fast", "stock")
+
 
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
@@ -31,6 +33,8 @@ class ServerConfig:
     max_request_bytes: int = 64 * MIB
     max_batch_size: int = 32
     device: str = "@numpy"
+    # "fast": layergrad_server.kernels on the CPU (bit-identical results); "stock": Chainer's own.
+    cpu_kernels: str = "fast"
     compute_slots: int = 1
     max_queue: int = 8
     threads: int = 0  # 0: compute_slots + max_queue + SPARE_THREADS
@@ -109,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--device",
         default=_env("DEVICE", defaults.device),
         help="Chainer device specifier: '@numpy' (CPU, default) or '@cupy:N' (GPU N, needs CuPy)",
+    )
+    parser.add_argument(
+        "--cpu-kernels",
+        choices=CPU_KERNELS,
+        default=_env("CPU_KERNELS", defaults.cpu_kernels),
+        help="on the CPU, 'fast' (default) replaces Chainer's convolution, ReLU and max-pooling "
+        "kernels by faster numpy ones with bit-identical results; 'stock' keeps Chainer's own",
     )
     parser.add_argument(
         "--max-unary-response-bytes",
@@ -213,6 +224,8 @@ def from_args(args: argparse.Namespace) -> ServerConfig:
     ):
         if getattr(args, name) <= 0:
             raise SystemExit(f"layergrad-server: --{name.replace('_', '-')} must be positive")
+    if args.cpu_kernels not in CPU_KERNELS:  # a bad $LAYERGRAD_CPU_KERNELS
+        raise SystemExit(f"layergrad-server: --cpu-kernels must be one of {', '.join(CPU_KERNELS)}")
     if args.workers < 0 or args.blas_threads < 0:
         raise SystemExit("layergrad-server: --workers and --blas-threads must not be negative")
     workers = args.workers or default_workers(usable_cpus())
@@ -234,6 +247,7 @@ def from_args(args: argparse.Namespace) -> ServerConfig:
         address=args.address,
         weights=args.weights,
         device=args.device,
+        cpu_kernels=args.cpu_kernels,
         max_unary_response_bytes=args.max_unary_response_bytes,
         stream_chunk_bytes=args.stream_chunk_bytes,
         max_request_bytes=args.max_request_bytes,

@@ -13,7 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
 
-from layergrad_server import convert
+from layergrad_server import convert, kernels
 from layergrad_server.admission import Admission
 from layergrad_server.auth import TokenStore
 from layergrad_server.config import MIB, ServerConfig
@@ -110,18 +110,33 @@ def add_gradient_service(servicer: GradientServicer, server: grpc.Server) -> Non
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
+def apply_cpu_kernels(choice: str, model: Engine) -> str:
+    """Puts the fast CPU kernels in place (``choice`` 'fast') or Chainer's own ('stock') for a
+    model on the CPU; returns what the model's device runs ('-' on other devices)."""
+    if model.device.name != "@numpy":
+        return "-"
+    if choice == "fast":
+        kernels.install()
+    else:
+        kernels.uninstall()
+    return choice
+
+
 def load_model(config: ServerConfig, weights: WeightsSource) -> Engine:
     """The model on the configured device, after one warm-up backward pass."""
     started = time.perf_counter()
     model = Engine(weights, max_batch_size=config.max_batch_size, device=config.device)
+    cpu_kernels = apply_cpu_kernels(config.cpu_kernels, model)
     loaded = time.perf_counter()
     model.warm_up()
     logger.info(
-        "loaded VGG16 weights=%s pretrained=%s file_sha256=%s parameters_sha256=%s load=%.2fs warm_up=%.2fs",
+        "loaded VGG16 weights=%s pretrained=%s file_sha256=%s parameters_sha256=%s cpu_kernels=%s "
+        "load=%.2fs warm_up=%.2fs",
         weights.source,
         weights.pretrained,
         weights.file_sha256 or "-",
         model.parameters_sha256,
+        cpu_kernels,
         loaded - started,
         time.perf_counter() - loaded,
     )
