@@ -419,7 +419,12 @@ class InProcess:
     def __init__(self, weights: pathlib.Path) -> None:
         chainer = load_chainer()
         from chainer.links.model.vision import vgg
+        from layergrad_server import kernels
 
+        # The same CPU kernels as the server (its default, --cpu-kernels fast), so that the
+        # service/in-process ratios measure the service alone; stock Chainer is timed separately.
+        kernels.install()
+        self.kernels = kernels
         self.chainer = chainer
         self.F = chainer.functions
         self.net = vgg.VGG16Layers(pretrained_model=str(weights))
@@ -939,6 +944,25 @@ def body(
         times=args.input_repeat,
     )
 
+    # Stock Chainer (without layergrad's CPU kernels) on the same input, pairs with the fast kernels.
+    sections.start("stock_kernels")
+    stock_t, fast_t = [], []
+    for i in range(max(repeat, 3)):
+        for stock in (i % 2 == 0, i % 2 == 1):
+            with inproc.kernels.installed(not stock):
+                start = time.perf_counter()
+                grad = inproc.input_gradient(x)
+                (stock_t if stock else fast_t).append(time.perf_counter() - start)
+            if stock and i == 0:
+                stock_identical = bool(np.array_equal(grad, ref_input))
+    report["cpu_kernels"] = {
+        "stock_median_s": statistics.median(stock_t),
+        "fast_median_s": statistics.median(fast_t),
+        "fast_over_stock": statistics.median(fast_t) / statistics.median(stock_t),
+        "bit_identical": stock_identical,
+        "pairs": len(stock_t),
+    }
+
     # PyTorch, as an outside reference, in its own process.
     sections.start("torch")
     np.save(tmp / "input.npy", x)
@@ -954,6 +978,9 @@ def body(
         )
         torch_result["service_over_torch"] = (
             cases["input_gradient"]["service_median_s"] / torch_result["median_s"]
+        )
+        torch_result["stock_chainer_over_torch"] = (
+            report["cpu_kernels"]["stock_median_s"] / torch_result["median_s"]
         )
     report["torch"] = torch_result
 
@@ -1127,6 +1154,10 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         scale = workers[4] / rates[1]
         label = " ".join(report["throughput_workers"]["args"])
         add(f"4 clients on {label} >= 1.5x one worker's", scale, 1.5, scale >= 1.5, f"{scale:.2f}x")
+        alone = report["throughput_workers"]["rows"][0]["latency_median_s"]
+        slower = alone / report["throughput"][0]["latency_median_s"]
+        name = f"1 client on {label}: latency <= 1.1x one worker's"
+        add(name, slower, 1.1, slower <= 1.1, f"{slower:.2f}x")
     return out
 
 
@@ -1169,13 +1200,20 @@ def render(report: dict[str, Any]) -> str:
             f"{c['label']:<38}{fmt_s(c['in_process_median_s']):>12}{fmt_s(c['service_median_s']):>12}"
             f"{c['ratio']:>8.3f}  {note}"
         )
+    k = report["cpu_kernels"]
+    lines.append(
+        f"{'stock Chainer (no layergrad kernels)':<38}{fmt_s(k['stock_median_s']):>12}{'':>20}  "
+        f"layergrad kernels/stock {k['fast_over_stock']:.3f} ({fmt_s(k['fast_median_s']).strip()}), "
+        f"n={k['pairs']}, bit-identical {k['bit_identical']}"
+    )
     t = report["torch"]
     if "error" in t:
         lines.append(f"{'PyTorch CPU input gradient':<38}{t['error']}")
     else:
         lines.append(
             f"{'PyTorch ' + t['torch'] + ' CPU input gradient':<38}{fmt_s(t['median_s']):>12}{'':>20}  "
-            f"chainer/torch {t['chainer_in_process_over_torch']:.2f}x, "
+            f"chainer/torch {t['chainer_in_process_over_torch']:.2f}x (stock "
+            f"{t['stock_chainer_over_torch']:.2f}x), "
             f"rel L2 diff vs chainer {t['rel_l2_diff_vs_chainer']:.1e}, {t['threads']} threads"
         )
     mi = report["model_info"]
