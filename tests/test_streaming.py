@@ -7,6 +7,9 @@ parser agrees with the generated class, falling back to it on anything unusual.
 
 from __future__ import annotations
 
+import threading
+import time
+
 import layergrad_server  # noqa: F401  (applies the numpy 2 shim Chainer needs)
 
 # isort: split
@@ -20,6 +23,7 @@ from layergrad._gen.layergrad.v1 import gradient_service_pb2_grpc as pb_grpc
 from layergrad._tensors import _ChunkAssembler, parse_stream_chunk
 from layergrad_server import convert, engine
 from layergrad_server.config import DEFAULT_STREAM_CHUNK_BYTES
+from layergrad_server.launch import ServerProcess
 
 Kind = engine.Kind
 F32 = np.float32
@@ -168,3 +172,167 @@ def test_stream_through_the_service_matches_the_unary_call_and_the_generated_stu
     expected = client.parameter_gradients(np.zeros((3, 224, 224), np.float32), loss, ["fc8/W"])["fc8/W"]
     np.testing.assert_array_equal(generated, expected)
     assert messages[0].HasField("loss") and all(len(m.data) <= DEFAULT_STREAM_CHUNK_BYTES for m in messages)
+
+
+# ---- destinations: the caller's arrays (out=) and arrays prepared ahead of the stream ----------------
+
+
+def _assembled(frames: list[bytes], out=None, prepared=None) -> list:
+    assembler = _ChunkAssembler(out, prepared)
+    for frame in frames:
+        assembler.add(parse_stream_chunk(frame))
+    return assembler.finish()
+
+
+def test_assembler_writes_into_out_and_matching_prepared_arrays_and_allocates_the_rest():
+    tensors = result_tensors(True)
+    frames = list(convert.gradient_frames(engine.GradientResult(tensors, None), 16))
+    param, layer, act = (
+        pb.TENSOR_KIND_PARAMETER_GRADIENT,
+        pb.TENSOR_KIND_LAYER_GRADIENT,
+        pb.TENSOR_KIND_ACTIVATION,
+    )
+    out = {(param, "fc8/W"): np.full((300, 7), np.nan, np.float32)}
+    prepared = {
+        (layer, "conv5_3"): np.full((1, 7, 3, 3), np.nan, np.float32),
+        (act, "prob"): np.zeros((3, 2), np.float32),  # another shape: not used
+        (param, "conv5_3"): np.zeros((1, 7, 3, 3), np.float32),  # another kind: not used
+    }
+    assembled = {(t.kind, t.name): t.array for t in _assembled(frames, out, prepared)}
+    assert assembled[(param, "fc8/W")] is out[(param, "fc8/W")]
+    assert assembled[(layer, "conv5_3")] is prepared[(layer, "conv5_3")]
+    assert assembled[(act, "prob")] is not prepared[(act, "prob")]
+    for sent in tensors:
+        np.testing.assert_array_equal(assembled[(convert.KINDS[sent.kind], sent.name)], sent.converted())
+
+
+@pytest.mark.parametrize(
+    "array, message",
+    [
+        (np.zeros((7, 300), np.float32), r"float32 \[7, 300\] but the result is float32 \[300, 7\]"),
+        (np.zeros((300, 7), np.float64), "float64"),
+        (np.zeros((7, 300), np.float32).T, "C-contiguous"),
+        ([[0.0] * 7] * 300, "numpy array"),
+    ],
+)
+def test_out_array_that_cannot_take_the_tensor_in_place_is_a_value_error(array, message):
+    frames = list(convert.gradient_frames(engine.GradientResult(result_tensors(True)[2:3], None), 64))
+    with pytest.raises(ValueError, match=message):
+        _assembled(frames, {(pb.TENSOR_KIND_PARAMETER_GRADIENT, "fc8/W"): array})
+
+
+def test_read_only_out_array_is_a_value_error():
+    frames = list(convert.gradient_frames(engine.GradientResult(result_tensors(True)[2:3], None), 64))
+    array = np.zeros((300, 7), np.float32)
+    array.flags.writeable = False
+    with pytest.raises(ValueError, match="writable"):
+        _assembled(frames, {(pb.TENSOR_KIND_PARAMETER_GRADIENT, "fc8/W"): array})
+
+
+def test_out_arrays_are_filled_in_place_with_the_values_of_a_fresh_call(client):
+    loss = layergrad.SumOfSquares("fc7")
+    kwargs = dict(pattern="backward", parameters=["fc8/W", "fc7/b"], input=True)
+    first = client.gradients(make_rgb(5), loss, **kwargs)
+    fresh = client.gradients(make_rgb(6), loss, **kwargs)
+    reused = client.gradients(make_rgb(6), loss, **kwargs, out=first)
+    assert reused.input is first.input
+    assert all(reused.parameters[name] is first.parameters[name] for name in ("fc8/W", "fc7/b"))
+    np.testing.assert_array_equal(reused.input, fresh.input)
+    for name in ("fc8/W", "fc7/b"):
+        np.testing.assert_array_equal(reused.parameters[name], fresh.parameters[name])
+
+    grads = client.parameter_gradients(make_rgb(5), loss, ["fc8/W"])
+    again = client.parameter_gradients(make_rgb(6), loss, ["fc8/W"], out=grads)
+    assert again["fc8/W"] is grads["fc8/W"]
+    np.testing.assert_array_equal(again["fc8/W"], fresh.parameters["fc8/W"])
+
+
+def test_a_repeated_call_gets_its_large_arrays_prepared_while_the_server_computes(client, monkeypatch):
+    touched: list[np.ndarray] = []
+    real_touch = layergrad.client.touch_pages
+    monkeypatch.setattr(layergrad.client, "touch_pages", lambda a: (touched.append(a), real_touch(a)))
+    loss = layergrad.ClassScore("fc8", [3])
+    targets = dict(pattern="backward", parameters=["fc8/W", "fc8/b", "fc7/W"], dtype="float16")
+    first = client.gradients(make_rgb(7), loss, **targets)
+    assert not touched  # nothing known about this request's result yet
+    second = client.gradients(make_rgb(7), loss, **targets)
+    assert len(touched) == 2  # fc8/W and fc7/W; fc8/b is under 1 MiB
+    assert {id(second.parameters["fc7/W"]), id(second.parameters["fc8/W"])} == {id(a) for a in touched}
+    for name, array in first.parameters.items():
+        assert second.parameters[name].dtype == np.float16
+        np.testing.assert_array_equal(second.parameters[name], array)
+    touched.clear()
+    client.gradients(make_rgb(7), loss, **{**targets, "dtype": "float32"})
+    assert not touched  # another output dtype: another layout
+
+
+# ---- the SDK stops the server's stream when it gives up part-way ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lone_server(weights_file, tmp_path_factory):
+    """A server admitting one call at a time: a stream that kept its place would refuse the next call."""
+    process = ServerProcess(
+        ["--weights", str(weights_file), "--max-queue", "0"], tmp_path_factory.mktemp("lone") / "server.log"
+    )
+    try:
+        process.wait_serving()
+        yield process
+    finally:
+        process.terminate()
+
+
+def _assert_place_given_back(server: ServerProcess) -> None:
+    request = pb.ComputeGradientsRequest(
+        inputs=[pb.Input(prepared=layergrad._tensors.to_tensor(np.zeros((3, 224, 224), np.float32)))],
+        loss=pb.Loss(class_score=pb.ClassScore(layer="fc8", classes=[1])),
+        pattern=pb.BACKWARD_PATTERN_GRAD,
+        targets=pb.GradientTargets(parameters=["fc8/b"]),
+    )
+    deadline = time.monotonic() + 10
+    with grpc.insecure_channel(server.address, options=[("grpc.enable_retries", 0)]) as channel:
+        stub = pb_grpc.GradientServiceStub(channel)
+        while True:
+            try:
+                stub.ComputeGradients(request, timeout=60)
+                return
+            except grpc.RpcError as error:
+                assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+            assert time.monotonic() < deadline, "the abandoned stream kept its place"
+            time.sleep(0.2)
+
+
+def test_an_sdk_error_at_the_first_chunk_cancels_the_stream(lone_server):
+    x = np.zeros((3, 224, 224), np.float32)
+    with layergrad.Client(lone_server.address, timeout=120) as sdk:
+        with pytest.raises(ValueError, match="conv1_1/W"):
+            sdk.parameter_gradients(
+                x, layergrad.SumOfSquares("fc8"), out={"conv1_1/W": np.zeros(3, np.float32)}
+            )
+        _assert_place_given_back(lone_server)
+
+
+def test_closing_the_client_mid_stream_stops_the_stream(lone_server):
+    x = np.zeros((3, 224, 224), np.float32)
+    sdk = layergrad.Client(lone_server.address, timeout=120)
+    original = sdk._stub.StreamGradients
+
+    def closing_after_the_first_message(*args, **kwargs):
+        stream = original(*args, **kwargs)
+
+        class Stream:
+            def __iter__(self):
+                for number, chunk in enumerate(stream):
+                    if number == 0:
+                        threading.Thread(target=sdk.close).start()
+                    yield chunk
+
+            def cancel(self) -> bool:
+                return stream.cancel()
+
+        return Stream()
+
+    sdk._stub.StreamGradients = closing_after_the_first_message
+    with pytest.raises((layergrad.errors.Cancelled, layergrad.errors.ClientClosedError)):
+        sdk.parameter_gradients(x, layergrad.SumOfSquares("fc8"))
+    _assert_place_given_back(lone_server)

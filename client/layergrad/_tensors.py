@@ -4,14 +4,17 @@ A wire tensor holds its elements flattened in row-major order, little-endian,
 with no padding. :func:`to_tensor` writes that layout with a validated
 ``tobytes()``; :func:`from_tensor` reads it back with ``np.frombuffer``.
 :class:`_ChunkAssembler` rebuilds the tensors of a StreamGradients response
-by copying each chunk straight into a preallocated array.
+by copying each chunk straight into a preallocated array: the caller's own
+(``out=``), one prepared while the server computed (see :func:`touch_pages`),
+or a fresh one.
 """
 
 from __future__ import annotations
 
 import math
+import mmap
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -238,21 +241,60 @@ class AssembledTensor:
     array: np.ndarray
 
 
+TensorKey = tuple[int, str]
+"""A streamed tensor's identity: its ``TensorKind`` value and its name."""
+
+
+def touch_pages(array: np.ndarray) -> None:
+    """Writes one byte in every memory page of ``array`` so that the OS maps them now.
+
+    A fresh multi-megabyte array is only address space until first written. Mapping
+    its pages (each zeroed by the kernel) costs about as much as copying into them, and
+    several times more in a virtual machine whose host has taken freed memory back.
+    Done while the server computes, the stream's copies then write into memory that
+    is already there.
+    """
+    flat = array.reshape(-1).view(np.uint8)
+    flat[:: mmap.PAGESIZE] = 0
+
+
+def check_out_array(array: np.ndarray, name: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
+    """Raises ValueError unless ``array`` can receive the tensor ``name`` in place."""
+    if not isinstance(array, np.ndarray):
+        raise ValueError(f"out[{name!r}] must be a numpy array, not {type(array).__name__}")
+    if array.shape != shape or array.dtype != dtype:
+        raise ValueError(
+            f"out[{name!r}] is {array.dtype.name} {list(array.shape)} but the result is "
+            f"{dtype.name} {list(shape)}"
+        )
+    if not (array.flags.c_contiguous and array.flags.writeable):
+        raise ValueError(f"out[{name!r}] must be a writable C-contiguous array")
+
+
 class _ChunkAssembler:
     """Rebuilds StreamGradients tensors from their chunks without joining byte strings.
 
     Feed every ``StreamGradientsResponse`` to :meth:`add`, then call :meth:`finish`.
-    A tensor's first chunk allocates ``np.empty(shape, dtype)``; each chunk is then
-    copied into that array's bytes at its offset. Chunks out of order, gaps,
-    overlaps, overruns, a tensor cut short, a repeated tensor or a shape/dtype
-    that changes mid-tensor raise :class:`~layergrad.errors.DataLoss`.
+    A tensor's first chunk picks its array: ``out[(kind, name)]`` when given (it must
+    match the tensor's shape and dtype and be writable and C-contiguous, else
+    ValueError), else ``prepared[(kind, name)]`` when it matches, else a fresh
+    ``np.empty(shape, dtype)``; each chunk is then copied into that array's bytes at
+    its offset. Chunks out of order, gaps, overlaps, overruns, a tensor cut short, a
+    repeated tensor or a shape/dtype that changes mid-tensor raise
+    :class:`~layergrad.errors.DataLoss`.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        out: Mapping[TensorKey, np.ndarray] | None = None,
+        prepared: Mapping[TensorKey, np.ndarray] | None = None,
+    ) -> None:
         self.tensors: list[AssembledTensor] = []
         self.loss: float | None = None
+        self._out = out or {}
+        self._prepared = prepared or {}
         self._current: _Pending | None = None
-        self._seen: set[tuple[int, str]] = set()
+        self._seen: set[TensorKey] = set()
         self._messages = 0
 
     def add(self, chunk: StreamChunk | pb.StreamGradientsResponse) -> None:
@@ -262,10 +304,11 @@ class _ChunkAssembler:
         if self._messages == 0 and chunk.loss is not None:
             self.loss = chunk.loss
         self._messages += 1
-        if self._current is None or (self._current.kind, self._current.name) != (chunk.kind, chunk.name):
+        current = self._current
+        if current is None or current.kind != chunk.kind or current.name != chunk.name:
             self._close_current()
-            self._current = self._open(chunk)
-        self._write(self._current, chunk)
+            current = self._current = self._open(chunk)
+        self._write(current, chunk)
 
     def finish(self) -> list[AssembledTensor]:
         """The completed tensors, in stream order; raises DataLoss if the last is incomplete."""
@@ -281,7 +324,13 @@ class _ChunkAssembler:
         self._seen.add(key)
         dt = _checked_dtype(chunk.dtype, f"tensor {chunk.name!r}")
         shape = _checked_shape(chunk.shape, f"tensor {chunk.name!r}")
-        array = np.empty(shape, dtype=dt)
+        array = self._out.get(key)
+        if array is not None:
+            check_out_array(array, chunk.name, shape, dt)
+        else:
+            array = self._prepared.get(key)
+            if array is None or array.shape != shape or array.dtype != dt:
+                array = np.empty(shape, dtype=dt)
         return _Pending(chunk.name, chunk.kind, array, array.reshape(-1).view(np.uint8))
 
     def _write(self, pending: _Pending, chunk: StreamChunk) -> None:

@@ -49,7 +49,9 @@ import ipaddress
 import json
 import logging
 import math
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -66,10 +68,12 @@ from layergrad._inputs import Images, to_inputs
 from layergrad._shm import RegionPool
 from layergrad._tensors import (
     AssembledTensor,
+    TensorKey,
     _ChunkAssembler,
     dtype_name,
     from_tensor,
     parse_stream_chunk,
+    touch_pages,
 )
 from layergrad.errors import ClientClosedError, DataLoss, InvalidArgument, NotFound, from_grpc_error
 from layergrad.losses import Loss
@@ -88,6 +92,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _VERSION = "0.1.0"
+# The name the server gives the input gradient's tensor in a stream.
+_INPUT_NAME = "input"
 _MAX_MESSAGE_BYTES = 1 << 30
 DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
@@ -105,6 +111,10 @@ DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
 )
 
 RETRY_BUFFER_BYTES = 64 << 20
+# Streamed results whose layout a Client remembers (see ``Client.gradients``), and the
+# smallest tensor it prepares an array for ahead of the stream.
+_LAYOUTS_KEPT = 16
+_PREPARE_MIN_BYTES = 1 << 20
 # ExportGradients calls made again after replacing a region too small or gone.
 _REGION_RETRIES = 2
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GradientService"].full_name
@@ -326,6 +336,8 @@ class Client:
             response_deserializer=parse_stream_chunk,
             _registered_method=True,
         )
+        self._layouts: OrderedDict[tuple[Any, ...], tuple[_TensorLayout, ...]] = OrderedDict()
+        self._layouts_lock = threading.Lock()
         self._closed = False
 
     def __repr__(self) -> str:
@@ -419,6 +431,7 @@ class Client:
         timeout: float | None = None,
         shared_memory: bool = False,
         copy: bool = True,
+        out: GradientResult | None = None,
     ) -> GradientResult:
         """Computes the requested gradients of ``loss``, streamed so any size works.
 
@@ -448,6 +461,19 @@ class Client:
                 at all: they are valid until the next ``shared_memory=True`` call of this
                 Client, which overwrites them, so copy what you keep. Without
                 ``shared_memory`` it has no effect (streamed arrays are always your own).
+            out: arrays to write the result into instead of new ones, typically the
+                result of the previous call when computing gradients repeatedly: every
+                tensor of the result that ``out`` holds (``out.parameters["fc8/W"]``,
+                ``out.input``, ...) is written in place and the returned result holds that
+                same array; the other tensors get new arrays. ValueError if such an array
+                does not have the tensor's shape and dtype or is read-only or not
+                C-contiguous; after any error, arrays of ``out`` may hold part of the new
+                result. Not with ``shared_memory``.
+
+        A Client remembers the layout (names, shapes, dtypes) of recent results; when a
+        call asks for the same targets as an earlier one, the arrays of its large tensors
+        are allocated and their memory mapped while the server computes, before the
+        first chunk arrives.
         """
         kind = pb.ExportGradientsRequest if shared_memory else pb.StreamGradientsRequest
         if shared_memory and not _is_local(self.target):
@@ -459,16 +485,36 @@ class Client:
             kind, images, loss, pattern, parameters, layers, input, activations, dtype
         )
         if shared_memory:
+            if out is not None:
+                raise ValueError("out= is not supported with shared_memory=True")
             return self._export_gradients(request, timeout, copy)
-        assembler = _ChunkAssembler()
+        if out is not None and not isinstance(out, GradientResult):
+            raise TypeError(f"out must be a GradientResult, not {type(out).__name__}")
+        provided = _out_arrays(out)
+        key = _layout_key(request)
+        with self._layouts_lock:
+            layout = self._layouts.get(key)
         with self._rpc():
             stream = self._stub.StreamGradients(request, timeout=self._timeout(timeout))
             try:
+                prepared = _prepare_arrays(layout, provided) if layout else None
+                assembler = _ChunkAssembler(provided, prepared)
                 for chunk in stream:
                     assembler.add(chunk)
             finally:
                 stream.cancel()  # no-op once the stream has ended; frees it on a local error
-        return _gradient_result(assembler.finish(), assembler.loss)
+        tensors = assembler.finish()
+        self._remember_layout(key, tensors)
+        return _gradient_result(tensors, assembler.loss)
+
+    def _remember_layout(self, key: tuple[Any, ...], tensors: Sequence[AssembledTensor]) -> None:
+        """Keeps the layout of a streamed result for later calls with the same targets."""
+        layout = tuple(_TensorLayout(t.kind, t.name, t.array.shape, t.array.dtype) for t in tensors)
+        with self._layouts_lock:
+            self._layouts[key] = layout
+            self._layouts.move_to_end(key)
+            while len(self._layouts) > _LAYOUTS_KEPT:
+                self._layouts.popitem(last=False)
 
     def _export_gradients(
         self, request: pb.ExportGradientsRequest, timeout: float | None, copy: bool
@@ -538,10 +584,27 @@ class Client:
         return _gradient_result(tensors, response.loss if response.HasField("loss") else None)
 
     def input_gradient(
-        self, images: Images, loss: Loss, *, dtype: OutputDType = "float32", timeout: float | None = None
+        self,
+        images: Images,
+        loss: Loss,
+        *,
+        dtype: OutputDType = "float32",
+        timeout: float | None = None,
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
-        """The gradient of ``loss`` with respect to the prepared input, ``[batch, 3, 224, 224]``."""
-        result = self.gradients(images, loss, pattern=Pattern.GRAD, input=True, dtype=dtype, timeout=timeout)
+        """The gradient of ``loss`` with respect to the prepared input, ``[batch, 3, 224, 224]``.
+
+        ``out``: an array to write it into (see ``gradients``).
+        """
+        result = self.gradients(
+            images,
+            loss,
+            pattern=Pattern.GRAD,
+            input=True,
+            dtype=dtype,
+            timeout=timeout,
+            out=None if out is None else GradientResult(input=out),
+        )
         if result.input is None:
             raise _missing("input gradient")
         return result.input
@@ -554,10 +617,25 @@ class Client:
         *,
         dtype: OutputDType = "float32",
         timeout: float | None = None,
+        out: Mapping[str, np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
-        """Gradients of ``loss`` with respect to parameters (``loss.backward()``), by name."""
+        """Gradients of ``loss`` with respect to parameters (``loss.backward()``), by name.
+
+        ``out``: arrays by parameter name to write the gradients into, typically the
+        previous call's result (see ``gradients``)::
+
+            grads = client.parameter_gradients(x, loss)
+            for x in batches:
+                grads = client.parameter_gradients(x, loss, out=grads)  # no new memory
+        """
         result = self.gradients(
-            images, loss, pattern=Pattern.BACKWARD, parameters=parameters, dtype=dtype, timeout=timeout
+            images,
+            loss,
+            pattern=Pattern.BACKWARD,
+            parameters=parameters,
+            dtype=dtype,
+            timeout=timeout,
+            out=None if out is None else GradientResult(parameters=_out_mapping(out)),
         )
         return result.parameters
 
@@ -569,10 +647,20 @@ class Client:
         *,
         dtype: OutputDType = "float32",
         timeout: float | None = None,
+        out: Mapping[str, np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
-        """Gradients of ``loss`` with respect to layer outputs (``chainer.grad``), by layer name."""
+        """Gradients of ``loss`` with respect to layer outputs (``chainer.grad``), by layer name.
+
+        ``out``: arrays by layer name to write the gradients into (see ``gradients``).
+        """
         result = self.gradients(
-            images, loss, pattern=Pattern.GRAD, layers=layers, dtype=dtype, timeout=timeout
+            images,
+            loss,
+            pattern=Pattern.GRAD,
+            layers=layers,
+            dtype=dtype,
+            timeout=timeout,
+            out=None if out is None else GradientResult(layers=_out_mapping(out)),
         )
         return result.layers
 
@@ -725,6 +813,64 @@ def _output_dtype(dtype: OutputDType) -> int:
     if dt == np.float16:
         return pb.DATA_TYPE_FLOAT16
     raise ValueError(f"dtype must be 'float32' or 'float16', not {dtype!r}")
+
+
+@dataclass(frozen=True)
+class _TensorLayout:
+    """Where a streamed tensor goes and what it looks like."""
+
+    kind: int
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+
+
+def _layout_key(request: pb.StreamGradientsRequest) -> tuple[Any, ...]:
+    """What determines a result's layout: everything in the request but the inputs' content."""
+    return (
+        request.pattern,
+        request.targets.SerializeToString(deterministic=True),
+        tuple(request.activation_layers),
+        request.output_dtype,
+        len(request.inputs),
+    )
+
+
+def _out_mapping(out: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    if not isinstance(out, Mapping):
+        raise TypeError(f"out must be a mapping of names to arrays, not {type(out).__name__}")
+    return dict(out)
+
+
+def _out_arrays(out: GradientResult | None) -> dict[TensorKey, np.ndarray]:
+    """The arrays of ``out`` by (kind, name); the input gradient under the name "input"."""
+    if out is None:
+        return {}
+    arrays: dict[TensorKey, np.ndarray] = {}
+    if out.input is not None:
+        arrays[(pb.TENSOR_KIND_INPUT_GRADIENT, _INPUT_NAME)] = out.input
+    for kind, group in (
+        (pb.TENSOR_KIND_LAYER_GRADIENT, out.layers),
+        (pb.TENSOR_KIND_PARAMETER_GRADIENT, out.parameters),
+        (pb.TENSOR_KIND_ACTIVATION, out.activations),
+    ):
+        arrays.update({(kind, name): array for name, array in group.items()})
+    return arrays
+
+
+def _prepare_arrays(
+    layout: Sequence[_TensorLayout], provided: Mapping[TensorKey, np.ndarray]
+) -> dict[TensorKey, np.ndarray]:
+    """New arrays, their memory mapped, for the large tensors of an expected result not in ``provided``."""
+    prepared = {}
+    for tensor in layout:
+        key = (tensor.kind, tensor.name)
+        if key in provided or math.prod(tensor.shape) * tensor.dtype.itemsize < _PREPARE_MIN_BYTES:
+            continue
+        array = np.empty(tensor.shape, tensor.dtype)
+        touch_pages(array)
+        prepared[key] = array
+    return prepared
 
 
 def _gradient_result(tensors: Sequence[AssembledTensor], loss: float | None) -> GradientResult:
