@@ -8,8 +8,10 @@ Run with ``make bench`` (or ``.venv/bin/python scripts/bench.py``). The script
 * times every case both ways, side by side and interleaved (warm-up first,
   ``time.perf_counter``, medians over ``--repeat`` repetitions), and reports
   service / in-process ratios;
-* measures GetModelInfo latency, concurrent-client throughput, the bytes/s of
-  the full parameter-gradient download, and peak memory of server and client;
+* measures GetModelInfo latency, concurrent-client throughput (one server process,
+  then ``--workers 2 --blas-threads 1``, and as its ceiling two one-thread processes
+  computing in-process at once), the bytes/s of the full parameter-gradient
+  download, and peak memory of server and client;
 * prints a table and a "targets" section and writes everything as JSON
   (``--out``, default ``bench-results/bench.json``).
 
@@ -39,6 +41,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
 from typing import Any
 
 import numpy as np
@@ -54,6 +57,7 @@ from layergrad_server.weights.convert import VGG16_LAYOUT  # noqa: E402
 
 SEED = 0
 CLASS = 7
+# Two workers, one BLAS thread each (the CPUs split between them), each call to the least-loaded one.
 WORKERS_ARGS = ("--workers", "2", "--blas-threads", "1")
 DEFAULT_OUT = ROOT / "bench-results" / "bench.json"
 TORCH_HINT = "torch not installed (pip install torch==2.13.0)"
@@ -99,13 +103,26 @@ class CpuMeter:
     """How much CPU other processes on the machine used while a section ran.
 
     Busy time of the whole machine (/proc/stat) minus the CPU time of this process,
-    its finished children and the server. Other work on the machine slows both sides
-    of a comparison, not always equally, so it is reported with every section.
+    its finished children and the servers (``server_pids``, with their children: the
+    workers of ``--workers N``). Other work on the machine slows both sides of a
+    comparison, not always equally, so it is reported with every section.
     """
 
     def __init__(self, server_pid: int | None = None) -> None:
-        self.server_pid = server_pid
+        self.server_pids: list[int] = [] if server_pid is None else [server_pid]
         self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def _process_tree_s(self, pid: int) -> float:
+        """CPU seconds of ``pid`` (its waited-for children included) and of its live children."""
+        total = 0.0
+        for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                if int(stat.parent.name) == pid:
+                    total += sum(int(v) for v in fields[11:15]) / self._tick
+                elif int(fields[1]) == pid:
+                    total += (int(fields[11]) + int(fields[12])) / self._tick
+        return total
 
     def _machine_busy_s(self) -> float:
         try:
@@ -122,11 +139,8 @@ class CpuMeter:
         for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
             usage = resource.getrusage(who)
             total += usage.ru_utime + usage.ru_stime
-        if self.server_pid is not None:
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                stat = pathlib.Path(f"/proc/{self.server_pid}/stat").read_text()
-                fields = stat.rsplit(")", 1)[1].split()
-                total += (int(fields[11]) + int(fields[12])) / self._tick
+        for pid in self.server_pids:
+            total += self._process_tree_s(pid)
         return total
 
     def snapshot(self) -> tuple[float, float, float]:
@@ -675,8 +689,12 @@ def torch_child(weights_path: str, input_path: str, out_path: str, repeat: int, 
     return 0
 
 
-def run_child(args: list[str], timeout: float = 600) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "client"), str(ROOT / "server")])}
+def run_child(args: list[str], timeout: float = 600, env: dict[str, str] | None = None) -> dict[str, Any]:
+    env = {
+        **os.environ,
+        **(env or {}),
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "client"), str(ROOT / "server")]),
+    }
     proc = subprocess.run(
         [sys.executable, str(pathlib.Path(__file__).resolve()), *args],
         capture_output=True,
@@ -689,6 +707,47 @@ def run_child(args: list[str], timeout: float = 600) -> dict[str, Any]:
     if proc.returncode != 0 or not lines:
         return {"error": f"child exited with {proc.returncode}: {proc.stderr.strip()[-2000:]}"}
     return json.loads(lines[-1])
+
+
+def compute_rate_child(weights: str, input_path: str, calls: int) -> int:
+    """Run as a child: ``calls`` in-process input gradients (server kernels) after a warm-up,
+    timed one by one; prints JSON. The BLAS thread count comes from the environment."""
+    inproc = InProcess(pathlib.Path(weights))
+    x = np.load(input_path)
+    inproc.input_gradient(x)
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        inproc.input_gradient(x)
+        times.append(time.perf_counter() - start)
+    print(json.dumps({"times_s": times, "median_s": median(times), "total_s": sum(times)}))
+    return 0
+
+
+def compute_ceiling(weights: pathlib.Path, input_path: pathlib.Path, calls: int) -> dict[str, Any]:
+    """The most calls per second any worker layout can get from this machine's CPUs: one
+    process with the BLAS default alone, then two processes with one BLAS thread each at once,
+    each running ``calls`` input gradients in-process (no service)."""
+    one = dict.fromkeys(("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"), "1")
+    args = ["--_compute-rate", str(weights), str(input_path), str(calls)]
+    alone = run_child(args)
+    if "error" in alone:
+        return alone
+    with futures.ThreadPoolExecutor(2) as pool:
+        pair = list(pool.map(lambda _: run_child(args, env=one), range(2)))
+    for child in pair:
+        if "error" in child:
+            return child
+    rate_alone = 1 / alone["median_s"]
+    rate_pair = sum(1 / child["median_s"] for child in pair)
+    return {
+        "calls": calls,
+        "alone_median_s": alone["median_s"],
+        "pair_median_s": [child["median_s"] for child in pair],
+        "alone_per_s": rate_alone,
+        "pair_per_s": rate_pair,
+        "ratio": rate_pair / rate_alone,
+    }
 
 
 # ---- where the download time goes, without a network ---------------------------------
@@ -1047,9 +1106,10 @@ def body(
         sections.start(f"throughput_{clients}")
         report["throughput"].append(throughput(server.address, x, clients, max(args.requests, clients)))
 
-    # The same rows against --workers 2 --blas-threads 1 (a second server, same weights).
+    # The same rows against --workers 2 (a second server, same weights).
     sections.start("workers_start")
     workers = Server(weights, tmp / "workers.log", WORKERS_ARGS)
+    sections.meter.server_pids.append(workers.pid)
     try:
         workers.wait_serving()
         report["throughput_workers"] = {"args": list(WORKERS_ARGS), "rows": []}
@@ -1060,6 +1120,12 @@ def body(
             )
     finally:
         workers.stop()
+        sections.meter.server_pids.remove(workers.pid)
+    # What two one-thread processes can do at most here, without any service in between.
+    sections.start("workers_ceiling")
+    np.save(tmp / "ceiling-input.npy", x)
+    calls = max(args.requests // 2, 2)
+    report["workers_ceiling"] = compute_ceiling(weights, tmp / "ceiling-input.npy", calls)
 
     # float16 download.
     sections.start("download_float16")
@@ -1147,13 +1213,17 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             f"not measured: {mem.get('error')}",
         )
     rates = {t["clients"]: t["requests_per_s"] for t in report["throughput"]}
-    scale = rates[4] / rates[1]
-    add("4 clients >= 1.5x one client's requests/s (one worker)", scale, 1.5, scale >= 1.5, f"{scale:.2f}x")
     if "throughput_workers" in report:
         workers = {t["clients"]: t["requests_per_s"] for t in report["throughput_workers"]["rows"]}
         scale = workers[4] / rates[1]
         label = " ".join(report["throughput_workers"]["args"])
-        add(f"4 clients on {label} >= 1.5x one worker's", scale, 1.5, scale >= 1.5, f"{scale:.2f}x")
+        ceiling = report.get("workers_ceiling", {})
+        bound = (
+            f" (most this machine allows: {ceiling['ratio']:.2f}x, two one-thread processes in-process)"
+            if "ratio" in ceiling
+            else ""
+        )
+        add(f"4 clients on {label} >= 1.5x one worker's", scale, 1.5, scale >= 1.5, f"{scale:.2f}x{bound}")
         alone = report["throughput_workers"]["rows"][0]["latency_median_s"]
         slower = alone / report["throughput"][0]["latency_median_s"]
         name = f"1 client on {label}: latency <= 1.1x one worker's"
@@ -1243,6 +1313,20 @@ def render(report: dict[str, Any]) -> str:
                 f"median latency {t['latency_median_s']:.2f} s"
                 + _other_load(report, f"throughput_workers_{t['clients']}")
             )
+    ceiling = report.get("workers_ceiling")
+    if ceiling is not None:
+        if "ratio" in ceiling:
+            lines.append(
+                "  ceiling, no service: one process with the BLAS default "
+                f"{1 / ceiling['alone_median_s']:.3f} calls/s alone; two 1-thread processes at once "
+                f"{ceiling['pair_per_s']:.3f} calls/s "
+                f"({ceiling['ratio']:.2f}x; medians {ceiling['alone_median_s']:.3f} s and "
+                + " / ".join(f"{t:.3f}" for t in ceiling["pair_median_s"])
+                + " s per call)"
+                + _other_load(report, "workers_ceiling")
+            )
+        else:
+            lines.append(f"  ceiling not measured: {ceiling.get('error')}")
     lines += ["", "all-parameter-gradient download through the SDK (StreamGradients):"]
     for dtype in ("float32", "float16"):
         d = report["download"][dtype]
@@ -1332,7 +1416,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--_client-memory", nargs=2, metavar=("ADDRESS", "DTYPE"), help=argparse.SUPPRESS)
     parser.add_argument("--_torch", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--_compute-rate", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args._compute_rate:
+        weights_path, input_path, calls = args._compute_rate
+        return compute_rate_child(weights_path, input_path, int(calls))
     if args._client_memory:
         return client_memory_child(*args._client_memory)
     if args._torch:

@@ -9,16 +9,33 @@ Exits 1 if any status other than OK or RESOURCE_EXHAUSTED came back, or a reques
 
     make loadtest                                  # 8 clients, 20 s, queue 2
     make loadtest LOADTEST_ARGS="--clients 16 --seconds 60 --max-queue 4"
+
+``--compare-workers`` measures throughput instead: 1, 2 and 4 clients (each its own
+``layergrad.Client``, so its own connection, sending input-gradient calls back to back) against
+a default server and against ``--workers 2`` (and, with ``--connection-dispatch``, against
+``--workers 2 --worker-dispatch connection``, where each call stays on the worker its connection
+landed on), each layout started afresh ``--starts`` times, in alternating order. It prints
+requests/s and median latency per row, how the compute calls arrived at and were spread over the
+workers, the CPUs other processes kept busy meanwhile (a row is measured again, up to
+``--attempts`` times, while that exceeds ``--max-other-cpus``; ``--wait-quiet S`` first waits up to
+S seconds for a quiet machine), then medians over the starts::
+
+    .venv/bin/python scripts/loadtest.py --compare-workers --starts 5 --requests 4
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import os
+import re
+import resource
+import statistics
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import layergrad
@@ -39,6 +56,166 @@ def percentile(values: list[float], q: float) -> str:
     return f"{np.percentile(values, q) * 1000:.1f} ms" if values else "-"
 
 
+# ---- --compare-workers ------------------------------------------------------------------------
+
+DISPATCH_LINE = re.compile(
+    r"worker (\d+) dispatch: (\d+) compute call\(s\) arrived on the port, (\d+) kept, (\d+) handed to a "
+    r"sibling, (\d+) computed here after a sibling could not be reached; (\d+) computed for siblings"
+)
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds every process on the machine has used (from /proc/stat)."""
+    with open("/proc/stat") as stat:
+        values = [int(v) for v in stat.readline().split()[1:9]]
+    return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and of its children (the workers of ``--workers N``)."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(stat.parent.name) == pid or int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def throughput_row(server: ServerProcess, clients: int, requests: int, image: np.ndarray) -> dict[str, Any]:
+    """``clients`` SDK clients, each sending ``requests`` input-gradient calls back to back."""
+    loss = layergrad.ClassScore("fc8", [7])
+    sdks = [layergrad.Client(server.address, timeout=600) for _ in range(clients)]
+    for sdk in sdks:
+        sdk.input_gradient(image, loss)  # connect and warm up before the clock starts
+    barrier = threading.Barrier(clients + 1)
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def client_loop(sdk: layergrad.Client) -> None:
+        barrier.wait()
+        for _ in range(requests):
+            started = time.perf_counter()
+            sdk.input_gradient(image, loss)
+            with lock:
+                latencies.append(time.perf_counter() - started)
+
+    threads = [threading.Thread(target=client_loop, args=(sdk,)) for sdk in sdks]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    cpu_before = (busy_cpu_seconds(), process_cpu_seconds(server.process.pid) + own_cpu_seconds())
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    cpu_after = (busy_cpu_seconds(), process_cpu_seconds(server.process.pid) + own_cpu_seconds())
+    for sdk in sdks:
+        sdk.close()
+    others = (cpu_after[0] - cpu_before[0]) - (cpu_after[1] - cpu_before[1])
+    return {
+        "clients": clients,
+        "requests_per_s": clients * requests / wall,
+        "latency_median_s": statistics.median(latencies),
+        "other_cpus": max(others, 0.0) / wall,
+    }
+
+
+def wait_quiet(max_cpus: float, patience: float) -> None:
+    """Waits (at most ``patience`` seconds) until the machine's CPUs, our idle server included,
+    were less than ``max_cpus`` busy over 3 s."""
+    deadline = time.monotonic() + patience
+    while time.monotonic() < deadline:
+        before = busy_cpu_seconds()
+        time.sleep(3.0)
+        if (busy_cpu_seconds() - before) / 3.0 < max_cpus:
+            return
+
+
+def quiet_row(server: ServerProcess, clients: int, args: argparse.Namespace, image: np.ndarray) -> dict:
+    """A throughput row, measured again (up to ``--attempts`` times in all) while other processes
+    kept more than ``--max-other-cpus`` CPUs busy; the quietest attempt."""
+    rows = []
+    for _ in range(args.attempts):
+        wait_quiet(args.max_other_cpus, args.wait_quiet)
+        rows.append(throughput_row(server, clients, args.requests, image))
+        if rows[-1]["other_cpus"] <= args.max_other_cpus:
+            break
+    return min(rows, key=lambda row: row["other_cpus"])
+
+
+def dispatch_summary(log: str) -> str:
+    """How the compute calls arrived at the workers and where they went, from their stop lines."""
+    rows = sorted((int(m[0]), *map(int, m[1:])) for m in DISPATCH_LINE.findall(log))
+    if not rows:
+        return ""
+    arrived = "/".join(str(r[1]) for r in rows)
+    computed = "/".join(str(r[2] + r[5] + r[4]) for r in rows)
+    handed_on = sum(r[3] - r[4] for r in rows)
+    return f"calls arrived per worker {arrived}, computed {computed}, {handed_on} handed on"
+
+
+def compare_workers(args: argparse.Namespace) -> int:
+    layouts: list[tuple[str, list[str]]] = [("1 worker (default)", []), ("--workers 2", ["--workers", "2"])]
+    if args.connection_dispatch:
+        flags = ["--workers", "2", "--worker-dispatch", "connection"]
+        layouts.append((" ".join(flags), flags))
+    for extra in args.layout:
+        layouts.append((extra, extra.split()))
+    tmp = Path(tempfile.mkdtemp(prefix="layergrad-compare-"))
+    image = np.random.default_rng(0).standard_normal((3, 224, 224)).astype(np.float32)
+    results: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+    print(f"{args.starts} start(s) of each layout, {args.requests} calls per client per row (logs: {tmp})")
+    for start in range(args.starts):
+        order = layouts if start % 2 == 0 else layouts[::-1]
+        for name, flags in order:
+            log = tmp / f"{len(list(tmp.iterdir()))}.log"
+            with ServerProcess(["--weights", args.weights, *flags], log) as server:
+                server.wait_serving(300)
+                while "--workers" in flags and "workers serving" not in server.log():
+                    time.sleep(0.2)
+                rows = [quiet_row(server, c, args, image) for c in (1, 2, 4)]
+                server.terminate()
+                spread = dispatch_summary(server.log())
+            for row in rows:
+                results[name].append(row)
+            print(
+                f"start {start + 1} {name:<42} "
+                + "  ".join(
+                    f"{r['clients']}c {r['requests_per_s']:.2f} req/s p50 {r['latency_median_s']:.2f}s"
+                    f" (others {r['other_cpus']:.2f} CPU)"
+                    for r in rows
+                )
+                + (f"; {spread}" if spread else ""),
+                flush=True,
+            )
+
+    def medians(name: str, clients: int) -> tuple[float, float, float, float]:
+        rows = [r for r in results[name] if r["clients"] == clients]
+        rates = [r["requests_per_s"] for r in rows]
+        latency = statistics.median(r["latency_median_s"] for r in rows)
+        return statistics.median(rates), min(rates), max(rates), latency
+
+    base_name = layouts[0][0]
+    print(f"\nmedians over {args.starts} start(s); ratios to {base_name} with the same clients:")
+    for name, _ in layouts:
+        for clients in (1, 2, 4):
+            rate, low, high, latency = medians(name, clients)
+            ratio = rate / medians(base_name, clients)[0]
+            print(
+                f"  {name:<42} {clients} client(s): {rate:.2f} req/s (range {low:.2f}-{high:.2f}), "
+                f"{ratio:.2f}x, median latency {latency:.2f} s"
+            )
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=8, choices=range(1, 65), metavar="1..64")
@@ -52,7 +229,41 @@ def main() -> int:
         action="store_true",
         help="refused clients wait the server's retry hint (default: they retry at once, the worst case)",
     )
+    parser.add_argument(
+        "--compare-workers",
+        action="store_true",
+        help="measure throughput of a default server against --workers 2 instead (see above)",
+    )
+    parser.add_argument("--starts", type=int, default=5, help="--compare-workers: fresh starts per layout")
+    parser.add_argument("--requests", type=int, default=4, help="--compare-workers: calls per client per row")
+    parser.add_argument(
+        "--max-other-cpus",
+        type=float,
+        default=0.3,
+        help="--compare-workers: measure a row again while other processes used more CPUs than this",
+    )
+    parser.add_argument("--attempts", type=int, default=3, help="--compare-workers: tries per row at most")
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        help="--compare-workers: before each row, wait up to this many seconds for the machine to be "
+        "quiet (busy CPUs below --max-other-cpus)",
+    )
+    parser.add_argument(
+        "--connection-dispatch",
+        action="store_true",
+        help="--compare-workers: also --workers 2 --worker-dispatch connection",
+    )
+    parser.add_argument(
+        "--layout",
+        action="append",
+        default=[],
+        help="--compare-workers: one more layout, its server flags in one string (repeatable)",
+    )
     args = parser.parse_args()
+    if args.compare_workers:
+        return compare_workers(args)
     if not 1 <= args.seconds <= 600:
         parser.error("--seconds must be within 1..600")
 

@@ -44,11 +44,8 @@ def configure_logging(log_format: str, level: str, worker: int | None = None) ->
 
 def limit_blas_threads(count: int) -> None:
     """Caps this process's BLAS threads (a worker's are already capped by its environment)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        logger.warning("--blas-threads needs threadpoolctl (pip install threadpoolctl); ignored")
-        return
+    from threadpoolctl import threadpool_limits
+
     threadpool_limits(limits=count, user_api="blas")
     logger.info("BLAS limited to %d thread(s)", count)
 

@@ -19,6 +19,11 @@ MIB = 1 << 20
 # accept by default.
 DEFAULT_STREAM_CHUNK_BYTES = 1 * MIB
 
+# --worker-dispatch: hand compute calls to the least-loaded worker, or keep each
+# call on the worker its connection landed on (see ``workers``).
+LEAST_LOADED = "least-loaded"
+CONNECTION = "connection"
+WORKER_DISPATCH = (LEAST_LOADED, CONNECTION)
 CPU_KERNELS = ("fast", "stock")
 
 
@@ -50,16 +55,33 @@ class ServerConfig:
     tokens_file: str | None = None
     tokens: str | None = dataclasses.field(default=None, repr=False)  # $LAYERGRAD_TOKENS
     workers: int = 1
-    blas_threads: int = 0  # 0: the BLAS library's default
+    # 0: the BLAS library's default with one worker, CPUs / workers with several.
+    blas_threads: int = 0
+    worker_dispatch: str = LEAST_LOADED
     # Set in the worker processes of ``--workers N`` (see ``workers``): the pipe to
-    # report readiness on, and the worker's number.
+    # report readiness on, the worker's number, how many workers there are and the
+    # group's private directory (load table and unix sockets).
     worker_ready_fd: int | None = None
     worker_index: int | None = None
+    worker_count: int = 1
+    worker_dir: str | None = None
+
+    @property
+    def forwarding(self) -> bool:
+        """Whether this worker process hands compute calls to less loaded siblings."""
+        return self.worker_dir is not None and self.worker_count > 1 and self.worker_dispatch == LEAST_LOADED
 
     @property
     def handler_threads(self) -> int:
-        """gRPC handler threads: more than compute calls can ever hold, so cheap calls always run."""
-        return self.threads or self.compute_slots + self.max_queue + SPARE_THREADS
+        """gRPC handler threads: more than compute calls can ever hold, so cheap calls always run.
+
+        A worker that hands calls to its siblings also holds a thread for each of those,
+        at most as many as the siblings admit.
+        """
+        own = self.threads or self.compute_slots + self.max_queue + SPARE_THREADS
+        if self.forwarding:
+            own += (self.worker_count - 1) * (self.compute_slots + self.max_queue)
+        return own
 
     @property
     def max_concurrent_rpcs(self) -> int:
@@ -81,8 +103,14 @@ def usable_cpus() -> int:
 
 
 def default_workers(cpus: int) -> int:
-    """One worker on up to 2 CPUs (one VGG16 backward already keeps 2 cores busy through
-    BLAS), else one per 2 CPUs, at most 4 (each holds the model: ~1.3 GB resident)."""
+    """One worker on up to 2 CPUs, else one per 2 CPUs, at most 4 (each holds the model:
+    ~1.3 GB resident).
+
+    On 2 CPUs one VGG16 pass already keeps both cores busy through BLAS: two workers with
+    one BLAS thread each serve at most about 1.3x the calls per second to concurrent
+    callers, but each call takes about 1.5x as long and the memory doubles, so that
+    trade is left to ``--workers 2``.
+    """
     return 1 if cpus <= 2 else min(cpus // 2, 4)
 
 
@@ -184,10 +212,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--blas-threads",
         type=int,
         default=int(_env("BLAS_THREADS", "0")),
-        help="BLAS threads per worker (default 0: the BLAS default with one worker, else CPUs/workers)",
+        help="BLAS threads per worker process (default 0: the BLAS default with one worker, "
+        "CPUs/workers with several); results depend on it in the last bits of some gradients",
+    )
+    parser.add_argument(
+        "--worker-dispatch",
+        choices=WORKER_DISPATCH,
+        default=_env("WORKER_DISPATCH", defaults.worker_dispatch),
+        help="with --workers: 'least-loaded' (default) hands a compute call that arrives at a busy "
+        "worker to the least-loaded one; 'connection' keeps every call on the worker its "
+        "connection landed on (the kernel spreads connections at random)",
     )
     parser.add_argument("--worker-ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-count", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument(
         "--max-image-pixels",
         type=int,
@@ -229,9 +268,6 @@ def from_args(args: argparse.Namespace) -> ServerConfig:
     if args.workers < 0 or args.blas_threads < 0:
         raise SystemExit("layergrad-server: --workers and --blas-threads must not be negative")
     workers = args.workers or default_workers(usable_cpus())
-    blas_threads = args.blas_threads
-    if workers > 1 and not blas_threads:
-        blas_threads = max(1, usable_cpus() // workers)
     if args.max_queue < 0 or args.threads < 0:
         raise SystemExit("layergrad-server: --max-queue and --threads must not be negative")
     if args.threads and args.threads <= args.compute_slots + args.max_queue:
@@ -266,7 +302,10 @@ def from_args(args: argparse.Namespace) -> ServerConfig:
         tokens_file=args.tokens_file,
         tokens=os.environ.get("LAYERGRAD_TOKENS"),
         workers=workers,
-        blas_threads=blas_threads,
+        blas_threads=args.blas_threads,
+        worker_dispatch=args.worker_dispatch,
         worker_ready_fd=args.worker_ready_fd,
         worker_index=args.worker_index,
+        worker_count=args.worker_count,
+        worker_dir=args.worker_dir,
     )

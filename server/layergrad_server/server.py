@@ -3,10 +3,13 @@ admission control, TLS and bearer tokens."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -20,6 +23,10 @@ from layergrad_server.config import MIB, ServerConfig
 from layergrad_server.engine import Engine, WeightsSource
 from layergrad_server.interceptors import AuthInterceptor, ErrorInterceptor
 from layergrad_server.servicer import GradientServicer
+
+if TYPE_CHECKING:
+    from layergrad_server.forwarding import Dispatcher
+    from layergrad_server.workers import LoadTable
 
 logger = logging.getLogger(__name__)
 
@@ -73,32 +80,45 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     )
 
 
-def add_gradient_service(servicer: GradientServicer, server: grpc.Server) -> None:
+def _message_or_bytes(response: Any) -> bytes:
+    """A unary response serializer that also passes through bytes (a sibling's response)."""
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
+def add_gradient_service(
+    servicer: GradientServicer, server: grpc.Server, dispatcher: Dispatcher | None = None
+) -> None:
     """Registers GradientService like the generated ``add_GradientServiceServicer_to_server``,
-    except that StreamGradients sends the already serialized messages its handler yields."""
+    except that StreamGradients sends the already serialized messages its handler yields and,
+    in a worker of ``--workers N``, compute calls go through ``dispatcher``."""
+    unary: Callable[[str, Callable], Callable] = dispatcher.unary if dispatcher else lambda _, b: b
+    stream: Callable[[str, Callable], Callable] = dispatcher.stream if dispatcher else lambda _, b: b
+    export: Callable[[str, Callable], Callable] = (
+        functools.partial(dispatcher.unary, local_callers_only=True) if dispatcher else lambda _, b: b
+    )
     handlers = {
         "ComputeGradients": grpc.unary_unary_rpc_method_handler(
-            servicer.ComputeGradients,
+            unary("ComputeGradients", servicer.ComputeGradients),
             request_deserializer=pb.ComputeGradientsRequest.FromString,
-            response_serializer=pb.ComputeGradientsResponse.SerializeToString,
+            response_serializer=_message_or_bytes,
         ),
         "StreamGradients": grpc.unary_stream_rpc_method_handler(
-            servicer.StreamGradients,
+            stream("StreamGradients", servicer.StreamGradients),
             request_deserializer=pb.StreamGradientsRequest.FromString,
             response_serializer=convert.stream_response_serializer,
         ),
         "ExportGradients": grpc.unary_unary_rpc_method_handler(
-            servicer.ExportGradients,
+            export("ExportGradients", servicer.ExportGradients),
             request_deserializer=pb.ExportGradientsRequest.FromString,
-            response_serializer=pb.ExportGradientsResponse.SerializeToString,
+            response_serializer=_message_or_bytes,
         ),
         "Predict": grpc.unary_unary_rpc_method_handler(
-            servicer.Predict,
+            unary("Predict", servicer.Predict),
             request_deserializer=pb.PredictRequest.FromString,
-            response_serializer=pb.PredictResponse.SerializeToString,
+            response_serializer=_message_or_bytes,
         ),
         "GetModelInfo": grpc.unary_unary_rpc_method_handler(
-            servicer.GetModelInfo,
+            dispatcher.annotate(servicer.GetModelInfo) if dispatcher else servicer.GetModelInfo,
             request_deserializer=pb.GetModelInfoRequest.FromString,
             response_serializer=pb.GetModelInfoResponse.SerializeToString,
         ),
@@ -171,10 +191,14 @@ class GradientServer:
             ],
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
+        self._table: LoadTable | None = None
+        self.dispatcher: Dispatcher | None = None
+        if config.worker_dir is not None and config.worker_index is not None:
+            self._join_worker_group(config)
         self.admission = Admission(config.compute_slots, config.max_queue)
         self._servicer = GradientServicer(config, self.admission)
         self._health = health.HealthServicer(experimental_non_blocking=True)
-        add_gradient_service(self._servicer, self._server)
+        add_gradient_service(self._servicer, self._server, self.dispatcher)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server
@@ -187,6 +211,10 @@ class GradientServer:
             self.port = self._server.add_secure_port(config.address, credentials)
         if self.port == 0:
             raise RuntimeError(f"could not listen on {config.address}")
+        if self.dispatcher is not None and self.dispatcher.listen_address is not None:
+            # Calls handed on by sibling workers; the directory is the parent's, mode 0700.
+            if self._server.add_insecure_port(self.dispatcher.listen_address) == 0:
+                raise RuntimeError(f"could not listen on {self.dispatcher.listen_address}")
         host = config.address.rsplit(":", 1)[0].strip("[]")
         if tokens is not None and credentials is None and host not in ("127.0.0.1", "::1", "localhost"):
             logger.warning(
@@ -197,6 +225,17 @@ class GradientServer:
             "plaintext" if credentials is None else "mutual TLS" if config.tls_client_ca else "TLS"
         ) + ("" if tokens is None else f", {len(tokens)} bearer token(s)")
         self._stopped = threading.Event()
+        self._started = False
+        self._attached = False
+
+    def _join_worker_group(self, config: ServerConfig) -> None:
+        """In a worker of ``--workers N``: opens the group's load table and sets up dispatch."""
+        from layergrad_server.forwarding import Dispatcher
+        from layergrad_server.workers import TABLE_FILE, LoadTable
+
+        assert config.worker_dir is not None and config.worker_index is not None
+        self._table = LoadTable(f"{config.worker_dir}/{TABLE_FILE}", config.worker_count)
+        self.dispatcher = Dispatcher(config, self._table, SERVICE_NAME)
 
     @property
     def address(self) -> str:
@@ -205,6 +244,9 @@ class GradientServer:
 
     def start(self) -> None:
         self._server.start()
+        self._started = True
+        if self._attached and self.dispatcher is not None:
+            self.dispatcher.open()
         logger.info(
             "%s %s (%s; %d compute slot(s), queue %d, %d threads; health NOT_SERVING until "
             "the model is ready)",
@@ -227,6 +269,9 @@ class GradientServer:
         """Serves an already warmed-up model."""
         self._servicer.attach(model)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._attached = True
+        if self._started and self.dispatcher is not None:
+            self.dispatcher.open()
 
     def _set_health(self, status: int) -> None:
         self._health.set("", status)
@@ -246,15 +291,24 @@ class GradientServer:
         deadline = time.monotonic() + grace
         self._health.enter_graceful_shutdown()
         logger.info("shutting down; in-flight calls get %.1fs", grace)
+        if self.dispatcher is not None:
+            self.dispatcher.drain()
         self.admission.drain(deadline)
-        if not self.admission.wait_idle(deadline):
+        idle = self.admission.wait_idle(deadline)
+        if self.dispatcher is not None:
+            idle = self.dispatcher.wait_idle(deadline) and idle
+        if not idle:
             logger.warning(
                 "grace period over with %d call(s) unfinished; cancelling them", self.admission.admitted
             )
         # Only cheap calls (and endless health watches) remain when the admission is idle.
-        linger = min(max(deadline - time.monotonic(), 0.0), 2.0) if self.admission.admitted == 0 else 0.0
+        linger = min(max(deadline - time.monotonic(), 0.0), 2.0) if idle else 0.0
         self._server.stop(linger).wait()
         self._servicer.close()
+        if self.dispatcher is not None:
+            self.dispatcher.close()
+        if self._table is not None:
+            self._table.close()
         self._stopped.set()
         logger.info("stopped")
 
