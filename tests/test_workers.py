@@ -209,6 +209,14 @@ def test_default_worker_count_is_one_on_two_cpus_and_grows_with_the_machine():
     assert config.blas_threads == 1 and config.worker_dispatch == "connection"
 
 
+def test_workers_refuse_a_unix_socket_address_with_a_clear_message():
+    args = config_module.build_parser().parse_args(["--workers", "2", "--address", "unix:/tmp/x.sock"])
+    with pytest.raises(SystemExit, match=r"TCP port.*unix:/tmp/x\.sock is a unix socket"):
+        config_module.from_args(args)
+    args = config_module.build_parser().parse_args(["--workers", "1", "--address", "unix:/tmp/x.sock"])
+    assert config_module.from_args(args).workers == 1
+
+
 def test_a_forwarding_worker_has_a_handler_thread_for_each_call_its_siblings_admit():
     alone = config_module.ServerConfig(compute_slots=1, max_queue=8)
     worker = config_module.ServerConfig(compute_slots=1, max_queue=8, worker_dir="/x", worker_count=3)

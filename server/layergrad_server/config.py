@@ -268,6 +268,11 @@ def from_args(args: argparse.Namespace) -> ServerConfig:
     if args.workers < 0 or args.blas_threads < 0:
         raise SystemExit("layergrad-server: --workers and --blas-threads must not be negative")
     workers = args.workers or default_workers(usable_cpus())
+    if workers > 1 and args.address.startswith("unix:") and args.worker_index is None:
+        raise SystemExit(
+            "layergrad-server: --workers N shares one TCP port (host:port) among the workers; "
+            f"{args.address} is a unix socket: use --workers 1 or a TCP address"
+        )
     if args.max_queue < 0 or args.threads < 0:
         raise SystemExit("layergrad-server: --max-queue and --threads must not be negative")
     if args.threads and args.threads <= args.compute_slots + args.max_queue:
