@@ -312,9 +312,8 @@ def test_an_sdk_error_at_the_first_chunk_cancels_the_stream(lone_server):
         _assert_place_given_back(lone_server)
 
 
-def test_closing_the_client_mid_stream_stops_the_stream(lone_server):
-    x = np.zeros((3, 224, 224), np.float32)
-    sdk = layergrad.Client(lone_server.address, timeout=120)
+def _closing_after_the_first_message(sdk: layergrad.Client) -> layergrad.Client:
+    """``sdk``, made to close itself (from another thread) once a stream's first message arrived."""
     original = sdk._stub.StreamGradients
 
     def closing_after_the_first_message(*args, **kwargs):
@@ -333,6 +332,74 @@ def test_closing_the_client_mid_stream_stops_the_stream(lone_server):
         return Stream()
 
     sdk._stub.StreamGradients = closing_after_the_first_message
+    return sdk
+
+
+def test_closing_the_client_mid_stream_stops_the_stream(lone_server):
+    x = np.zeros((3, 224, 224), np.float32)
+    sdk = _closing_after_the_first_message(layergrad.Client(lone_server.address, timeout=120))
     with pytest.raises((layergrad.errors.Cancelled, layergrad.errors.ClientClosedError)):
         sdk.parameter_gradients(x, layergrad.SumOfSquares("fc8"))
     _assert_place_given_back(lone_server)
+
+
+def test_frames_made_ahead_arrive_complete_and_in_order():
+    frames = [bytes([i]) * (i + 1) for i in range(50)]
+    assert list(convert.ahead(iter(frames), 4)) == frames
+    assert list(convert.ahead(iter([]), 4)) == []
+
+
+def test_an_error_while_making_frames_ahead_reaches_the_consumer_after_the_frames_before_it():
+    def failing():
+        yield b"a"
+        yield b"b"
+        raise RuntimeError("conversion failed")
+
+    got = []
+    with pytest.raises(RuntimeError, match="conversion failed"):
+        for frame in convert.ahead(failing(), 1):
+            got.append(frame)
+    assert got == [b"a", b"b"]
+
+
+def test_closing_the_consumer_stops_the_frames_made_ahead():
+    made, closed = [], threading.Event()
+
+    def endless():
+        try:
+            while True:
+                made.append(len(made))
+                yield b"x"
+        finally:
+            closed.set()
+
+    frames = convert.ahead(endless(), 3)
+    assert next(frames) == b"x"
+    frames.close()
+    assert closed.is_set()
+    count = len(made)
+    time.sleep(0.2)
+    assert len(made) == count <= 1 + 3 + 2  # the one consumed, the queue, one in hand
+    assert not any(t.name == "frames-ahead" for t in threading.enumerate())
+
+
+def test_float16_frames_made_ahead_are_the_frames_made_in_line():
+    tensors = result_tensors(True)
+    result = engine.GradientResult(tensors, 1.5)
+    assert convert.converts(result)
+    assert not convert.converts(engine.GradientResult(result_tensors(False), 1.5))
+    in_line = list(convert.gradient_frames(result, 64))
+    assert list(convert.ahead(convert.gradient_frames(result, 64), 2)) == in_line
+
+
+def test_closing_the_client_mid_float16_stream_stops_the_stream(lone_server):
+    """The float16 stream converts ahead in a helper thread: a caller that goes away still
+    gives its place back, and the server answers the next call."""
+    x = np.zeros((3, 224, 224), np.float32)
+    sdk = _closing_after_the_first_message(layergrad.Client(lone_server.address, timeout=120))
+    with pytest.raises((layergrad.errors.Cancelled, layergrad.errors.ClientClosedError)):
+        sdk.parameter_gradients(x, layergrad.SumOfSquares("fc8"), dtype="float16")
+    _assert_place_given_back(lone_server)
+    with layergrad.Client(lone_server.address, timeout=120) as again:
+        grads = again.parameter_gradients(x, layergrad.SumOfSquares("fc8"), ["fc8/b"], dtype="float16")
+    assert grads["fc8/b"].dtype == np.float16

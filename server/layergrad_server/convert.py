@@ -7,7 +7,9 @@ Tensors on the wire are flattened row-major little-endian with no padding.
 
 from __future__ import annotations
 
+import queue
 import struct
+import threading
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -348,6 +350,61 @@ def _byte_chunks(tensor: engine.ResultTensor, chunk_bytes: int) -> Iterator[tupl
         block = memoryview(source[first:last].astype(dtype).view(np.uint8))
         skip = offset - first * dtype.itemsize
         yield offset, block[skip : skip + end - offset]
+
+
+def converts(result: engine.GradientResult) -> bool:
+    """Whether streaming ``result`` converts some tensor to another element type."""
+    return any(tensor.array.dtype != tensor.output_dtype for tensor in result.tensors)
+
+
+def ahead(frames: Iterator[bytes], depth: int) -> Iterator[bytes]:
+    """``frames``, produced by a helper thread up to ``depth`` messages ahead of the consumer.
+
+    gRPC's handler thread waits for each message to be handed to the transport before
+    it asks for the next, so building a message (converting its chunk to float16,
+    joining it) and sending the previous one would otherwise take turns; numpy's casts
+    and copies release the GIL, so here they overlap. The consumer gets every message
+    or the producer's exception, in order; closing the consumer early (the caller went
+    away) stops the producer at its next message.
+    """
+    messages: queue.Queue[tuple[bool, object]] = queue.Queue(maxsize=max(depth, 1))
+    stop = threading.Event()
+
+    def put(item: tuple[bool, object]) -> bool:
+        while not stop.is_set():
+            try:
+                messages.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for frame in frames:
+                if not put((True, frame)):
+                    return
+        except BaseException as error:  # handed to the consumer, raised there
+            put((False, error))
+            return
+        put((False, None))
+
+    producer = threading.Thread(target=produce, name="frames-ahead", daemon=True)
+    producer.start()
+    try:
+        while True:
+            ok, item = messages.get()
+            if not ok:
+                if item is not None:
+                    raise item  # type: ignore[misc]
+                return
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+        producer.join()
+        close = getattr(frames, "close", None)
+        if close is not None:
+            close()
 
 
 def stream_response_serializer(response: bytes | pb.StreamGradientsResponse) -> bytes:

@@ -25,6 +25,9 @@ logger = logging.getLogger(__name__)
 
 # gRPC reports a call without a deadline as one centuries away.
 _NO_DEADLINE = 1e8
+# StreamGradients messages converted ahead of the one being sent (1 MiB each by default):
+# float16 output then streams 1.25x faster on 2 cores; float32 has nothing to overlap.
+FRAMES_AHEAD = 4
 # Trailer of ExportGradients with the server's time per phase (see ``ExportGradients``).
 SERVER_TIMING_KEY = "server-timing"
 
@@ -81,9 +84,13 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             plan = self._plan(model, request)
             with call.computing():
                 result = model.gradients(plan, checkpoint=call.checkpoint, defer_dtype=True)
-            for frame in convert.gradient_frames(result, self._config.stream_chunk_bytes):
-                call.checkpoint()  # stop sending once the caller is gone
-                yield frame
+            frames = convert.gradient_frames(result, self._config.stream_chunk_bytes)
+            if convert.converts(result):  # float16 output: convert while sending
+                frames = convert.ahead(frames, FRAMES_AHEAD)
+            with contextlib.closing(frames):  # a helper thread stops with the call
+                for frame in frames:
+                    call.checkpoint()  # stop sending once the caller is gone
+                    yield frame
 
     def ExportGradients(  # noqa: N802
         self, request: pb.ExportGradientsRequest, context: grpc.ServicerContext
