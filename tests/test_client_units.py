@@ -147,8 +147,9 @@ class FakeStub:
             raise self.error
         return self.unary
 
-    def GetModelInfo(self, request: Any, timeout: float | None = None) -> Any:  # noqa: N802
-        return self._answer("GetModelInfo", request, timeout)
+    def GetModelInfo(self, request: Any, timeout: float | None = None) -> bytes:  # noqa: N802
+        """The response as bytes, as the SDK's GetModelInfo method receives it."""
+        return self._answer("GetModelInfo", request, timeout).SerializeToString()
 
     def Predict(self, request: Any, timeout: float | None = None) -> Any:  # noqa: N802
         return self._answer("Predict", request, timeout)

@@ -44,6 +44,15 @@ def test_model_info_describes_layers_parameters_input_and_weights(client, weight
     assert info.device == "@numpy"
 
 
+def test_repeated_model_info_is_the_same_and_each_caller_owns_its_versions(client, server):
+    first = client.model_info()
+    first.versions["edited"] = "by the caller"
+    second = client.model_info()
+    assert "edited" not in second.versions and second.versions is not first.versions
+    with layergrad.Client(server.address) as fresh:
+        assert fresh.model_info() == second  # parsed anew by another Client: the same answer
+
+
 def test_health_is_serving_for_the_server_and_the_service(server):
     assert server.health() == health_pb2.HealthCheckResponse.SERVING
     assert server.health("layergrad.v1.GradientService") == health_pb2.HealthCheckResponse.SERVING

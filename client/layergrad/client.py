@@ -44,6 +44,7 @@ fail. ``retry=False`` turns all of this off.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import ipaddress
 import json
@@ -336,6 +337,13 @@ class Client:
             response_deserializer=parse_stream_chunk,
             _registered_method=True,
         )
+        # GetModelInfo's response as bytes: an unchanged answer reuses its ModelInfo.
+        self._stub.GetModelInfo = self._channel.unary_unary(
+            f"/{SERVICE_NAME}/GetModelInfo",
+            request_serializer=pb.GetModelInfoRequest.SerializeToString,
+            _registered_method=True,
+        )
+        self._model_info: tuple[bytes, ModelInfo] | None = None
         self._layouts: OrderedDict[tuple[Any, ...], tuple[_TensorLayout, ...]] = OrderedDict()
         self._layouts_lock = threading.Lock()
         self._closed = False
@@ -388,8 +396,13 @@ class Client:
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """Describes the served model: input format, layers, parameters, weights, limits."""
         with self._rpc():
-            response = self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self._timeout(timeout))
-        return _model_info(response)
+            raw = self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self._timeout(timeout))
+        known = self._model_info
+        if known is None or known[0] != raw:
+            known = (raw, _model_info(pb.GetModelInfoResponse.FromString(raw)))
+            self._model_info = known
+        # Everything in a ModelInfo is immutable but ``versions``: each caller gets its own.
+        return dataclasses.replace(known[1], versions=dict(known[1].versions))
 
     def predict(
         self,
