@@ -1114,6 +1114,9 @@ def body(
     sections.meter.server_pids.append(workers.pid)
     try:
         workers.wait_serving()
+        # Two calls at once, twice, reach both workers: each has run a call or two since its
+        # warm-up, as the single server has (memory the first calls touch comes back slowly).
+        throughput(workers.address, x, 2, 4)
         report["throughput_workers"] = {"args": list(WORKERS_ARGS), "rows": []}
         for clients in (1, 2, 4):
             sections.start(f"throughput_workers_{clients}")
@@ -1437,7 +1440,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.input_repeat is None:
         args.input_repeat = 3 * args.repeat
     if args.requests is None:
-        args.requests = 4 if args.quick else 8
+        args.requests = 4 if args.quick else 16
     if args.model_info_calls is None:
         args.model_info_calls = 100 if args.quick else 1000
     if args.repeat < 1 or args.input_repeat < 1 or args.requests < 1 or args.model_info_calls < 1:
