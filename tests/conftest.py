@@ -3,8 +3,10 @@ and an in-process Chainer VGG16 loaded from the same weights file as the referen
 
 from __future__ import annotations
 
+import contextlib
 import io
 import pathlib
+from collections.abc import Iterator
 
 import layergrad_server  # noqa: F401  (applies the numpy 2 shim Chainer needs)
 
@@ -25,14 +27,21 @@ def weights_file(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def server(weights_file: pathlib.Path, tmp_path_factory: pytest.TempPathFactory):
-    process = ServerProcess(["--weights", str(weights_file)], tmp_path_factory.mktemp("logs") / "server.log")
+@contextlib.contextmanager
+def serving(args: list[str], log_dir: pathlib.Path) -> Iterator[ServerProcess]:
+    """A server started with ``args`` (its log in ``log_dir``), serving in the block, then stopped."""
+    process = ServerProcess(args, log_dir / "server.log")
     try:
         process.wait_serving()
         yield process
     finally:
         process.terminate()
+
+
+@pytest.fixture(scope="session")
+def server(weights_file: pathlib.Path, tmp_path_factory: pytest.TempPathFactory):
+    with serving(["--weights", str(weights_file)], tmp_path_factory.mktemp("logs")) as process:
+        yield process
 
 
 @pytest.fixture(scope="session")

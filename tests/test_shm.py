@@ -31,7 +31,7 @@ import grpc
 import layergrad
 import numpy as np
 import pytest
-from conftest import make_rgb
+from conftest import make_rgb, serving
 from google.rpc import error_details_pb2
 from layergrad import _shm
 from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
@@ -65,15 +65,9 @@ def server_maps(process: ServerProcess) -> str:
 
 @pytest.fixture(scope="module")
 def shm_process(weights_file, tmp_path_factory):
-    process = ServerProcess(
-        ["--weights", str(weights_file), "--workers", "1", "--shared-memory"],
-        tmp_path_factory.mktemp("shm-logs") / "server.log",
-    )
-    try:
-        process.wait_serving()
+    flags = ["--weights", str(weights_file), "--workers", "1", "--shared-memory"]
+    with serving(flags, tmp_path_factory.mktemp("shm-logs")) as process:
         yield process
-    finally:
-        process.terminate()
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import grpc
 import layergrad
 import numpy as np
 import pytest
-from conftest import make_rgb
+from conftest import make_rgb, serving
 from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
 from layergrad_server import config as config_module
 from layergrad_server import workers as workers_module
@@ -149,13 +149,10 @@ def plain_server(weights_file, tmp_path_factory):
     """A single-process server with the workers' BLAS thread count: the results a group of
     workers must reproduce byte for byte (OpenBLAS rounds some products differently with
     another thread count, see ``workers``)."""
-    log = tmp_path_factory.mktemp("plain") / "server.log"
-    process = ServerProcess(["--weights", str(weights_file), "--blas-threads", "1"], log)
-    try:
-        process.wait_serving()
+    with serving(
+        ["--weights", str(weights_file), "--blas-threads", "1"], tmp_path_factory.mktemp("plain")
+    ) as process:
         yield process
-    finally:
-        process.terminate()
 
 
 @pytest.fixture(scope="module")
