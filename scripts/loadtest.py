@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import re
-import resource
 import statistics
 import tempfile
 import threading
@@ -37,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import bench  # its CPU accounting and throughput rows
 import grpc
 import layergrad
 import numpy as np
@@ -64,79 +63,16 @@ DISPATCH_LINE = re.compile(
 )
 
 
-def busy_cpu_seconds() -> float:
-    """CPU seconds every process on the machine has used (from /proc/stat)."""
-    with open("/proc/stat") as stat:
-        values = [int(v) for v in stat.readline().split()[1:9]]
-    return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """CPU seconds of a process and of its children (the workers of ``--workers N``)."""
-    total = 0.0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(stat.parent.name) == pid or int(fields[1]) == pid:
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
-
-
-def own_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def throughput_row(server: ServerProcess, clients: int, requests: int, image: np.ndarray) -> dict[str, Any]:
-    """``clients`` SDK clients, each sending ``requests`` input-gradient calls back to back."""
-    loss = layergrad.ClassScore("fc8", [7])
-    sdks = [layergrad.Client(server.address, timeout=600) for _ in range(clients)]
-    for sdk in sdks:
-        sdk.input_gradient(image, loss)  # connect and warm up before the clock starts
-    barrier = threading.Barrier(clients + 1)
-    latencies: list[float] = []
-    lock = threading.Lock()
-
-    def client_loop(sdk: layergrad.Client) -> None:
-        barrier.wait()
-        for _ in range(requests):
-            started = time.perf_counter()
-            sdk.input_gradient(image, loss)
-            with lock:
-                latencies.append(time.perf_counter() - started)
-
-    threads = [threading.Thread(target=client_loop, args=(sdk,)) for sdk in sdks]
-    for thread in threads:
-        thread.start()
-    barrier.wait()
-    cpu_before = (busy_cpu_seconds(), process_cpu_seconds(server.process.pid) + own_cpu_seconds())
-    started = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - started
-    cpu_after = (busy_cpu_seconds(), process_cpu_seconds(server.process.pid) + own_cpu_seconds())
-    for sdk in sdks:
-        sdk.close()
-    others = (cpu_after[0] - cpu_before[0]) - (cpu_after[1] - cpu_before[1])
-    return {
-        "clients": clients,
-        "requests_per_s": clients * requests / wall,
-        "latency_median_s": statistics.median(latencies),
-        "other_cpus": max(others, 0.0) / wall,
-    }
-
-
-def wait_quiet(max_cpus: float, patience: float) -> None:
-    """Waits (at most ``patience`` seconds) until the machine's CPUs, our idle server included,
-    were less than ``max_cpus`` busy over 3 s."""
-    deadline = time.monotonic() + patience
-    while time.monotonic() < deadline:
-        before = busy_cpu_seconds()
-        time.sleep(3.0)
-        if (busy_cpu_seconds() - before) / 3.0 < max_cpus:
-            return
+    """``clients`` SDK clients, each sending one warm-up call and then ``requests`` timed
+    input-gradient calls back to back (``bench.throughput``), and how many CPUs other
+    processes kept busy meanwhile (``bench.CpuMeter``, the server's workers counted as its own)."""
+    bench.throughput(server.address, image, clients, clients)
+    meter = bench.CpuMeter(server.process.pid)
+    begin = meter.snapshot()
+    row = bench.throughput(server.address, image, clients, clients * requests)
+    row["other_cpus"] = meter.other_cpus(begin, meter.snapshot())
+    return row
 
 
 def quiet_row(server: ServerProcess, clients: int, args: argparse.Namespace, image: np.ndarray) -> dict:
@@ -144,7 +80,8 @@ def quiet_row(server: ServerProcess, clients: int, args: argparse.Namespace, ima
     kept more than ``--max-other-cpus`` CPUs busy; the quietest attempt."""
     rows = []
     for _ in range(args.attempts):
-        wait_quiet(args.max_other_cpus, args.wait_quiet)
+        if args.wait_quiet > 0:
+            bench.wait_quiet(bench.CpuMeter(server.process.pid), args.wait_quiet, args.max_other_cpus)
         rows.append(throughput_row(server, clients, args.requests, image))
         if rows[-1]["other_cpus"] <= args.max_other_cpus:
             break
