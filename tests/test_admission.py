@@ -141,3 +141,57 @@ def test_draining_refuses_new_calls_and_queued_calls_that_cannot_finish_in_time(
         with pytest.raises(Unavailable), admission.enter("k", 1, None, active):
             pass
     assert admission.wait_idle(time.monotonic() + 1)
+
+
+def test_draining_judges_the_queue_in_order_so_a_refused_call_does_not_delay_the_next():
+    clock = [100.0]
+    admission = Admission(slots=1, max_queue=3, clock=lambda: clock[0])
+    admission.record("long", 1, 5.0)
+    admission.record("short", 1, 1.0)
+    outcome: dict[str, object] = {}
+    queued: list[threading.Thread] = []
+
+    def call(name: str, kind: str) -> None:
+        try:
+            with admission.enter(kind, 1, None, active) as admitted, admitted.computing():
+                outcome[name] = "ran"
+        except Unavailable as error:
+            outcome[name] = error.reason
+
+    release = threading.Event()
+    with admission.enter("short", 1, None, active) as running, running.computing():
+        # Behind the running call (1 s): a long call (5 s), then a short one (1 s).
+        for name, kind in (("long", "long"), ("short", "short")):
+            queued.append(threading.Thread(target=call, args=(name, kind)))
+            queued[-1].start()
+            while len(admission._queue) < len(queued):
+                time.sleep(0.01)
+        # 3 s left: the long call cannot finish; the short one can, once the long one is refused,
+        # whichever of the two looks first.
+        admission.drain(clock[0] + 3.0)
+        while "long" not in outcome:
+            time.sleep(0.01)
+        assert outcome == {"long": "SHUTTING_DOWN"}
+        release.set()
+    for thread in queued:
+        thread.join(5)
+    assert outcome == {"long": "SHUTTING_DOWN", "short": "ran"}
+
+
+def test_the_overload_message_counts_every_admitted_call_that_is_not_computing():
+    admission = Admission(slots=1, max_queue=2)
+    with admission.enter("k", 1, None, active), admission.enter("k", 1, None, active):
+        with admission.enter("k", 1, None, active):  # admitted, none computing yet
+            with pytest.raises(Overloaded) as caught, admission.enter("k", 1, None, active):
+                pass
+    assert "0 call(s) computing and 3 queued" in caught.value.message
+
+
+def test_estimates_are_kept_for_a_bounded_number_of_kinds():
+    from layergrad_server.admission import MAX_KINDS
+
+    admission = Admission(slots=1, max_queue=0)
+    for index in range(MAX_KINDS + 10):
+        admission.record(f"kind-{index}", 1, 1.0)
+    assert admission.estimate("kind-0", 1) is None
+    assert admission.estimate(f"kind-{MAX_KINDS + 9}", 1) == 1.0

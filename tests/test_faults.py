@@ -207,17 +207,34 @@ def test_cancel_after_the_first_streamed_chunk_stops_the_stream(small_server, sm
 
 
 def test_deadline_too_short_for_the_estimate_is_refused_before_compute(small_server, small_stub):
+    # One input gradient gives the server the cost of this kind of call; 32 inputs need about
+    # 32 times the compute, and a deadline of 8 times the single call's whole time (which
+    # scales with the machine's speed) leaves the server seconds to refuse it up front.
     started = time.monotonic()
+    small_stub.ComputeGradients(slow(batch=1), timeout=120)
+    single = time.monotonic() - started
     with pytest.raises(grpc.RpcError) as caught:
-        small_stub.ComputeGradients(cheap(batch=4), timeout=1.0)
+        small_stub.ComputeGradients(slow(batch=32), timeout=8 * single)
     error = layergrad.from_grpc_error(caught.value)
     assert isinstance(error, layergrad.DeadlineExceeded)
     assert error.reason == "DEADLINE_TOO_SHORT"
     assert (
         re.search(r"estimated to need \d+\.\d\ds", error.message) and "nothing was computed" in error.message
     )
-    assert time.monotonic() - started < 0.5
     assert_answers_normally(small_stub)
+
+
+def test_calls_reaching_deeper_are_estimated_apart_from_cheap_calls_of_the_same_pattern():
+    from layergrad_server.servicer import cost_kind
+
+    assert cost_kind(cheap()) == cost_kind(cheap(batch=4))  # the estimate scales with the batch
+    assert cost_kind(cheap()) != cost_kind(slow())  # fc8/b only against a full backward
+    assert cost_kind(cheap()) != cost_kind(cheap(pattern=pb.BACKWARD_PATTERN_BACKWARD))
+    everything = cheap()
+    everything.targets.all_parameters = True
+    assert cost_kind(everything) != cost_kind(cheap())
+    assert cost_kind(pb.PredictRequest(layers=["prob"])) != cost_kind(pb.PredictRequest(layers=["fc7"]))
+    assert len(cost_kind(pb.PredictRequest(layers=["x" * 100_000]))) < 40
 
 
 def test_deadline_expiring_mid_compute_stops_the_work(small_server, small_stub):

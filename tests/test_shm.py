@@ -511,7 +511,7 @@ def test_every_parameter_gradient_takes_the_documented_bytes(shm_client):
 
 
 def test_export_needs_the_same_scopes_as_the_stream():
-    from layergrad_server.interceptors import required_scopes
+    from layergrad_server.status import required_scopes
 
     request = raw_request(parameters=["fc8/b"], input=True)
     stream = pb.StreamGradientsRequest.FromString(request.SerializeToString())

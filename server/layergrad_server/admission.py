@@ -41,6 +41,8 @@ EWMA_ALPHA = 0.3
 ESTIMATE_TTL_SECONDS = 300.0
 # How often a queued call wakes to check its caller and deadline.
 POLL_SECONDS = 0.05
+# Kinds of call whose compute times are kept (the least recently updated is forgotten).
+MAX_KINDS = 256
 # Bounds of the retry hint sent with Overloaded.
 MIN_RETRY_SECONDS = 0.1
 MAX_RETRY_SECONDS = 30.0
@@ -65,7 +67,7 @@ class Admission:
         self._admitted: list[AdmittedCall] = []  # in arrival order
         self._queue: collections.deque[AdmittedCall] = collections.deque()  # waiting for a slot
         self._running = 0
-        self._averages: dict[str, _Average] = {}
+        self._averages: collections.OrderedDict[str, _Average] = collections.OrderedDict()
         self._drain_deadline: float | None = None
 
     # ---- estimates -------------------------------------------------------------
@@ -87,6 +89,9 @@ class Admission:
             else:
                 average.seconds_per_input += EWMA_ALPHA * (per_input - average.seconds_per_input)
                 average.updated = self._clock()
+            self._averages.move_to_end(kind)
+            while len(self._averages) > MAX_KINDS:
+                self._averages.popitem(last=False)
 
     def _work_ahead(self, calls: list[AdmittedCall]) -> float:
         """Seconds until ``calls`` are done, spread over the slots."""
@@ -118,8 +123,9 @@ class Admission:
                 wait = self._work_ahead(self._admitted)
                 retry = min(max(wait, MIN_RETRY_SECONDS), MAX_RETRY_SECONDS)
                 raise Overloaded(
-                    f"the server is busy: {self._running} call(s) computing and {len(self._queue)} "
-                    f"queued, the most it accepts ({self.slots} computing + {self.max_queue} queued); "
+                    f"the server is busy: {self._running} call(s) computing and "
+                    f"{len(self._admitted) - self._running} queued, the most it accepts "
+                    f"({self.slots} computing + {self.max_queue} queued); "
                     f"retry in {retry:.1f}s",
                     retry_after=retry,
                 )
@@ -160,6 +166,20 @@ class Admission:
         with self._lock:
             return len(self._admitted)
 
+    def _judge_queue(self) -> None:
+        """While draining: decides, in queue order, which waiting calls can still finish by the
+        drain deadline. A call that cannot is not counted in the wait of the calls behind it
+        (it will be refused); each call is judged once."""
+        assert self._drain_deadline is not None
+        now = self._clock()
+        finish = now + self._work_ahead([c for c in self._admitted if c.running])
+        for waiting in self._queue:
+            expected = waiting.expected_seconds or 0.0
+            if waiting.fits_drain is None:
+                waiting.fits_drain = finish + expected <= self._drain_deadline
+            if waiting.fits_drain:
+                finish += expected / self.slots
+
     def _acquire(self, call: AdmittedCall) -> None:
         """Waits for a slot in arrival order, checking the caller and deadlines while queued."""
         with self._lock:
@@ -167,11 +187,9 @@ class Admission:
             try:
                 while True:
                     call.checkpoint()
-                    ahead = [c for c in self._admitted if c.running or c in self._queue]
-                    ahead = ahead[: ahead.index(call)]
                     if self._drain_deadline is not None:
-                        finish = self._clock() + self._work_ahead(ahead) + (call.expected_seconds or 0.0)
-                        if finish > self._drain_deadline:
+                        self._judge_queue()
+                        if call.fits_drain is False:
                             raise Unavailable(
                                 "the server is shutting down and this call would not finish in time; "
                                 "retry on another server",
@@ -213,6 +231,8 @@ class AdmittedCall:
         self.running = False
         self.computed = False
         self.started: float | None = None
+        # While draining: whether the call can finish by the drain deadline (None: not judged).
+        self.fits_drain: bool | None = None
 
     def check_deadline(self, wait_seconds: float, position: int) -> None:
         """Refuses the call if its expected wait plus compute cannot end before its deadline."""

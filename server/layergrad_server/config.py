@@ -44,6 +44,9 @@ class ServerConfig:
     max_queue: int = 8
     threads: int = 0  # 0: compute_slots + max_queue + SPARE_THREADS
     grace_seconds: float = 10.0
+    # A call whose request message has not arrived, or whose reader has taken no stream
+    # message, for this long is ended (see ``handlers``).
+    stall_seconds: float = 30.0
     # ExportGradients (results written into same-host callers' shared memory), off by default.
     shared_memory: bool = False
     image_limits: ImageLimits = dataclasses.field(default_factory=ImageLimits)
@@ -83,14 +86,9 @@ class ServerConfig:
             own += (self.worker_count - 1) * (self.compute_slots + self.max_queue)
         return own
 
-    @property
-    def max_concurrent_rpcs(self) -> int:
-        """Calls the server holds at once (running or waiting for a thread); more are RESOURCE_EXHAUSTED."""
-        return 4 * self.handler_threads
 
-
-# Handler threads beyond those admitted compute calls can hold: for health checks,
-# GetModelInfo and refusing calls over the limits.
+# Handler threads beyond those admitted compute calls can hold: for GetModelInfo and
+# refusing calls over the limits (health and reflection need no thread).
 SPARE_THREADS = 4
 
 
@@ -185,14 +183,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         default=int(_env("THREADS", str(defaults.threads))),
-        help="gRPC handler threads, more than compute slots + queue (default: slots + queue + "
-        f"{SPARE_THREADS})",
+        help="threads running calls' compute and serialization, more than compute slots + queue "
+        f"(default: slots + queue + {SPARE_THREADS}); idle or waiting calls hold none",
     )
     parser.add_argument(
         "--grace",
         type=float,
         default=float(_env("GRACE", str(defaults.grace_seconds))),
         help="seconds in-flight calls get to finish on SIGTERM/SIGINT",
+    )
+    parser.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=float(_env("STALL_TIMEOUT", str(defaults.stall_seconds))),
+        help="seconds a call may wait for its request message, or a stream for its reader to take "
+        "a message, before it is ended and its place freed (default %(default)s)",
     )
     parser.add_argument(
         "--shared-memory",
@@ -273,6 +278,8 @@ def from_args(args: argparse.Namespace) -> ServerConfig:
             "layergrad-server: --workers N shares one TCP port (host:port) among the workers; "
             f"{args.address} is a unix socket: use --workers 1 or a TCP address"
         )
+    if args.stall_timeout <= 0:
+        raise SystemExit("layergrad-server: --stall-timeout must be positive")
     if args.max_queue < 0 or args.threads < 0:
         raise SystemExit("layergrad-server: --max-queue and --threads must not be negative")
     if args.threads and args.threads <= args.compute_slots + args.max_queue:
@@ -297,6 +304,7 @@ def from_args(args: argparse.Namespace) -> ServerConfig:
         max_queue=args.max_queue,
         threads=args.threads,
         grace_seconds=args.grace,
+        stall_seconds=args.stall_timeout,
         shared_memory=args.shared_memory,
         image_limits=ImageLimits(max_pixels=args.max_image_pixels),
         log_format=args.log_format,

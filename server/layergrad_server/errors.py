@@ -6,7 +6,7 @@ machine-readable ``reason`` and, where one request field is at fault, that
 field's path (``loss.class_score.classes``), when retrying later may work, a
 retry delay, and optional string ``metadata`` for the ErrorInfo detail
 (machine-readable values a client may act on, such as a needed size).
-``interceptors.py`` turns them into gRPC statuses with google.rpc details;
+``status.py`` turns them into gRPC statuses with google.rpc details;
 anything else becomes INTERNAL.
 """
 

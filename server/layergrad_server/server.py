@@ -3,25 +3,27 @@ admission control, TLS and bearer tokens."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent import futures
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
+from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
 
-from layergrad_server import convert, kernels
+from layergrad_server import kernels
 from layergrad_server.admission import Admission
 from layergrad_server.auth import TokenStore
 from layergrad_server.config import MIB, ServerConfig
 from layergrad_server.engine import Engine, WeightsSource
-from layergrad_server.interceptors import AuthInterceptor, ErrorInterceptor
+from layergrad_server.handlers import Handlers
 from layergrad_server.servicer import GradientServicer
 
 if TYPE_CHECKING:
@@ -29,6 +31,8 @@ if TYPE_CHECKING:
     from layergrad_server.workers import LoadTable
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GradientService"].full_name
 
@@ -80,54 +84,46 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     )
 
 
-def _message_or_bytes(response: Any) -> bytes:
-    """A unary response serializer that also passes through bytes (a sibling's response)."""
-    return response if isinstance(response, bytes) else response.SerializeToString()
-
-
 def add_gradient_service(
-    servicer: GradientServicer, server: grpc.Server, dispatcher: Dispatcher | None = None
+    servicer: GradientServicer,
+    server: grpc.aio.Server,
+    handlers: Handlers,
+    dispatcher: Dispatcher | None = None,
 ) -> None:
-    """Registers GradientService like the generated ``add_GradientServiceServicer_to_server``,
-    except that StreamGradients sends the already serialized messages its handler yields and,
-    in a worker of ``--workers N``, compute calls go through ``dispatcher``."""
+    """Registers GradientService's methods with ``server`` through ``handlers`` (see
+    ``handlers``); in a worker of ``--workers N``, compute calls go through ``dispatcher``."""
     unary: Callable[[str, Callable], Callable] = dispatcher.unary if dispatcher else lambda _, b: b
     stream: Callable[[str, Callable], Callable] = dispatcher.stream if dispatcher else lambda _, b: b
     export: Callable[[str, Callable], Callable] = (
         functools.partial(dispatcher.unary, local_callers_only=True) if dispatcher else lambda _, b: b
     )
-    handlers = {
-        "ComputeGradients": grpc.unary_unary_rpc_method_handler(
+    methods = {
+        "ComputeGradients": handlers.unary(
+            "ComputeGradients",
             unary("ComputeGradients", servicer.ComputeGradients),
-            request_deserializer=pb.ComputeGradientsRequest.FromString,
-            response_serializer=_message_or_bytes,
+            pb.ComputeGradientsRequest,
         ),
-        "StreamGradients": grpc.unary_stream_rpc_method_handler(
+        "StreamGradients": handlers.stream(
+            "StreamGradients",
             stream("StreamGradients", servicer.StreamGradients),
-            request_deserializer=pb.StreamGradientsRequest.FromString,
-            response_serializer=convert.stream_response_serializer,
+            pb.StreamGradientsRequest,
         ),
-        "ExportGradients": grpc.unary_unary_rpc_method_handler(
+        "ExportGradients": handlers.unary(
+            "ExportGradients",
             export("ExportGradients", servicer.ExportGradients),
-            request_deserializer=pb.ExportGradientsRequest.FromString,
-            response_serializer=_message_or_bytes,
+            pb.ExportGradientsRequest,
         ),
-        "Predict": grpc.unary_unary_rpc_method_handler(
-            unary("Predict", servicer.Predict),
-            request_deserializer=pb.PredictRequest.FromString,
-            response_serializer=_message_or_bytes,
-        ),
-        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+        "Predict": handlers.unary("Predict", unary("Predict", servicer.Predict), pb.PredictRequest),
+        "GetModelInfo": handlers.unary(
+            "GetModelInfo",
             dispatcher.annotate(servicer.GetModelInfo) if dispatcher else servicer.GetModelInfo,
-            request_deserializer=pb.GetModelInfoRequest.FromString,
-            response_serializer=pb.GetModelInfoResponse.SerializeToString,
+            pb.GetModelInfoRequest,
         ),
     }
-    missing = set(pb.DESCRIPTOR.services_by_name["GradientService"].methods_by_name) - set(handlers)
+    missing = set(pb.DESCRIPTOR.services_by_name["GradientService"].methods_by_name) - set(methods)
     if missing:
         raise RuntimeError(f"GradientService methods without a handler: {sorted(missing)}")
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, methods),))
 
 
 def apply_cpu_kernels(choice: str, model: Engine) -> str:
@@ -168,53 +164,46 @@ class GradientServer:
 
     Health is NOT_SERVING (and GradientService calls UNAVAILABLE) until the
     model is loaded and one backward pass has run.
+
+    The gRPC server is ``grpc.aio``'s, on an event loop in a thread of its own;
+    GradientService's behaviours run in a bounded thread pool (see ``handlers``),
+    while health and reflection are answered on the event loop and never wait
+    behind a compute call.
     """
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         tokens = load_tokens(config)
-        interceptors: list[grpc.ServerInterceptor] = [ErrorInterceptor()]
-        if tokens is not None:
-            interceptors.insert(0, AuthInterceptor(tokens))
-        self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.handler_threads, thread_name_prefix="rpc"),
-            interceptors=interceptors,
-            options=[
-                ("grpc.max_receive_message_length", config.max_request_bytes),
-                (
-                    "grpc.max_send_message_length",
-                    max(config.max_unary_response_bytes, config.stream_chunk_bytes) + MIB,
-                ),
-                # Worker processes of --workers share the port (the kernel spreads connections).
-                ("grpc.so_reuseport", 1 if config.worker_ready_fd is not None else 0),
-                *KEEPALIVE_OPTIONS,
-            ],
-            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="grpc-aio", daemon=True)
+        self._loop_thread.start()
+        self._executor = futures.ThreadPoolExecutor(
+            max_workers=config.handler_threads, thread_name_prefix="rpc"
         )
+        try:
+            self._server = self._on_loop(self._make_server())
+        except BaseException:
+            self._close_loop()
+            raise
         self._table: LoadTable | None = None
         self.dispatcher: Dispatcher | None = None
         if config.worker_dir is not None and config.worker_index is not None:
             self._join_worker_group(config)
         self.admission = Admission(config.compute_slots, config.max_queue)
         self._servicer = GradientServicer(config, self.admission)
-        self._health = health.HealthServicer(experimental_non_blocking=True)
-        add_gradient_service(self._servicer, self._server, self.dispatcher)
+        self._health = health_async.HealthServicer()
+        handlers = Handlers(self._executor, self._loop, tokens, f"/{SERVICE_NAME}/", config.stall_seconds)
+        add_gradient_service(self._servicer, self._server, handlers, self.dispatcher)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server
         )
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         credentials = server_credentials(config)
-        if credentials is None:
-            self.port = self._server.add_insecure_port(config.address)
-        else:
-            self.port = self._server.add_secure_port(config.address, credentials)
-        if self.port == 0:
-            raise RuntimeError(f"could not listen on {config.address}")
+        self.port = self._listen(config.address, credentials)
         if self.dispatcher is not None and self.dispatcher.listen_address is not None:
             # Calls handed on by sibling workers; the directory is the parent's, mode 0700.
-            if self._server.add_insecure_port(self.dispatcher.listen_address) == 0:
-                raise RuntimeError(f"could not listen on {self.dispatcher.listen_address}")
+            self._listen(self.dispatcher.listen_address, None)
         host = config.address.rsplit(":", 1)[0].strip("[]")
         if tokens is not None and credentials is None and host not in ("127.0.0.1", "::1", "localhost"):
             logger.warning(
@@ -227,6 +216,44 @@ class GradientServer:
         self._stopped = threading.Event()
         self._started = False
         self._attached = False
+
+    async def _make_server(self) -> grpc.aio.Server:
+        config = self.config
+        return grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", config.max_request_bytes),
+                (
+                    "grpc.max_send_message_length",
+                    max(config.max_unary_response_bytes, config.stream_chunk_bytes) + MIB,
+                ),
+                # Worker processes of --workers share the port (the kernel spreads connections).
+                ("grpc.so_reuseport", 1 if config.worker_ready_fd is not None else 0),
+                *KEEPALIVE_OPTIONS,
+            ],
+        )
+
+    def _on_loop(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Runs ``coroutine`` on the server's event loop and returns its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def _listen(self, address: str, credentials: grpc.ServerCredentials | None) -> int:
+        """Adds a listening port; ListenError naming the address if it cannot be bound."""
+        try:
+            if credentials is None:
+                port = self._server.add_insecure_port(address)
+            else:
+                port = self._server.add_secure_port(address, credentials)
+        except RuntimeError:
+            port = 0
+        if port == 0 and not address.startswith("unix:"):
+            self._close_loop()
+            raise ListenError(f"could not listen on {address}: the address is in use or not local")
+        return port
+
+    def _close_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop_thread.join(5)
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     def _join_worker_group(self, config: ServerConfig) -> None:
         """In a worker of ``--workers N``: opens the group's load table and sets up dispatch."""
@@ -243,7 +270,7 @@ class GradientServer:
         return f"{host}:{self.port}"
 
     def start(self) -> None:
-        self._server.start()
+        self._on_loop(self._server.start())
         self._started = True
         if self._attached and self.dispatcher is not None:
             self.dispatcher.open()
@@ -274,8 +301,8 @@ class GradientServer:
             self.dispatcher.open()
 
     def _set_health(self, status: int) -> None:
-        self._health.set("", status)
-        self._health.set(SERVICE_NAME, status)
+        self._on_loop(self._health.set("", status))
+        self._on_loop(self._health.set(SERVICE_NAME, status))
 
     def stop(self, grace: float | None = None) -> None:
         """Stops taking calls, gives in-flight calls ``grace`` seconds, then closes.
@@ -289,7 +316,7 @@ class GradientServer:
         """
         grace = self.config.grace_seconds if grace is None else grace
         deadline = time.monotonic() + grace
-        self._health.enter_graceful_shutdown()
+        self._on_loop(self._health.enter_graceful_shutdown())
         logger.info("shutting down; in-flight calls get %.1fs", grace)
         if self.dispatcher is not None:
             self.dispatcher.drain()
@@ -303,7 +330,8 @@ class GradientServer:
             )
         # Only cheap calls (and endless health watches) remain when the admission is idle.
         linger = min(max(deadline - time.monotonic(), 0.0), 2.0) if idle else 0.0
-        self._server.stop(linger).wait()
+        self._on_loop(self._server.stop(linger))
+        self._close_loop()
         self._servicer.close()
         if self.dispatcher is not None:
             self.dispatcher.close()
@@ -315,3 +343,7 @@ class GradientServer:
     def wait(self) -> None:
         """Blocks until ``stop`` has finished."""
         self._stopped.wait()
+
+
+class ListenError(OSError):
+    """The server's address cannot be listened on."""

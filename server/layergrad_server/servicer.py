@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import ipaddress
 import logging
 import platform
@@ -22,6 +23,8 @@ from layergrad_server.errors import FailedPrecondition, ResultTooLarge, Unavaila
 from layergrad_server.shm import RegionMaps, check_region
 
 logger = logging.getLogger(__name__)
+
+GradientsRequest = pb.ComputeGradientsRequest | pb.StreamGradientsRequest | pb.ExportGradientsRequest
 
 # gRPC reports a call without a deadline as one centuries away.
 _NO_DEADLINE = 1e8
@@ -62,7 +65,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         self, request: pb.ComputeGradientsRequest, context: grpc.ServicerContext
     ) -> pb.ComputeGradientsResponse:
         model = self._model
-        with self._admit(f"gradients/{request.pattern}", request, context) as call:
+        with self._admit(cost_kind(request), request, context) as call:
             plan = self._plan(model, request)
             if plan.result_bytes > self._config.max_unary_response_bytes:
                 raise ResultTooLarge(
@@ -80,7 +83,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
     ) -> Iterator[bytes]:
         """Yields serialized StreamGradientsResponse messages (see ``convert.gradient_frames``)."""
         model = self._model
-        with self._admit(f"gradients/{request.pattern}", request, context) as call:
+        with self._admit(cost_kind(request), request, context) as call:
             plan = self._plan(model, request)
             with call.computing():
                 result = model.gradients(plan, checkpoint=call.checkpoint, defer_dtype=True)
@@ -116,7 +119,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             )
         region = check_region(request)
         model = self._model
-        with self._admit(f"gradients/{request.pattern}", request, context) as call:
+        with self._admit(cost_kind(request), request, context) as call:
             plan = self._plan(model, request)
             with self._regions.lease(region, plan.results) as target:
                 with call.computing():
@@ -147,7 +150,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
 
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:  # noqa: N802
         model = self._model
-        with self._admit("predict", request, context) as call:
+        with self._admit(cost_kind(request), request, context) as call:
             batch = convert.inputs_to_batch(
                 request.inputs, self._config.image_limits, self._config.max_batch_size
             )
@@ -220,6 +223,29 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             stream_chunk_bytes=self._config.stream_chunk_bytes,
             max_batch_size=self._config.max_batch_size,
         )
+
+
+def cost_kind(request: GradientsRequest | pb.PredictRequest) -> str:
+    """The kind of a call for compute-time estimates: calls of one kind cost about the same per
+    input. Gradient calls are of one kind when they share the pattern, the loss and its layer,
+    and the targets (how far the backward pass goes and what it keeps); Predict calls when they
+    ask for the same layers. Names are hashed, so a kind stays short."""
+    if isinstance(request, pb.PredictRequest):
+        parts = ["predict", *sorted(request.layers)]
+    else:
+        targets = request.targets
+        loss = request.loss.WhichOneof("kind") or "-"
+        parts = [
+            f"gradients/{request.pattern}",
+            loss,
+            getattr(getattr(request.loss, loss, None), "layer", ""),
+            "input" if targets.input else "",
+            "all-layers" if targets.all_layers else ",".join(sorted(targets.layers)),
+            "all-parameters" if targets.all_parameters else ",".join(sorted(targets.parameters)),
+            ",".join(sorted(request.activation_layers)),
+        ]
+    digest = hashlib.blake2b("\0".join(parts).encode(), digest_size=8).hexdigest()
+    return f"{parts[0]}/{digest}"
 
 
 def _is_local_peer(peer: str) -> bool:
