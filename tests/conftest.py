@@ -28,9 +28,12 @@ def weights_file(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 
 
 @contextlib.contextmanager
-def serving(args: list[str], log_dir: pathlib.Path) -> Iterator[ServerProcess]:
-    """A server started with ``args`` (its log in ``log_dir``), serving in the block, then stopped."""
-    process = ServerProcess(args, log_dir / "server.log")
+def serving(
+    args: list[str], log_dir: pathlib.Path, env: dict[str, str] | None = None
+) -> Iterator[ServerProcess]:
+    """A server started with ``args`` (and ``env``; its log in ``log_dir``), serving in the block,
+    then stopped."""
+    process = ServerProcess(args, log_dir / "server.log", env=env)
     try:
         process.wait_serving()
         yield process

@@ -20,6 +20,16 @@ JPEG = encode(make_rgb(1, 64, 64), "JPEG")
 BAD_PNG = PNG[:60] + bytes([PNG[60] ^ 0xFF]) + PNG[61:]
 
 
+def one_bit_png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("1", (width, height)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+# 4.9 kB, within the pixel limit, but 1.5 GB to resize to 224x224.
+THIN_PNG = one_bit_png(40_000_000, 1)
+
+
 def tensor(array: np.ndarray, dtype: int) -> pb.Tensor:
     return pb.Tensor(dtype=dtype, shape=array.shape, data=array.tobytes())
 
@@ -89,8 +99,68 @@ BAD_REQUESTS = {
     ),
     "dimensions_whose_product_overflows": (
         request(inputs=[pb.Input(rgb_image=pb.Tensor(dtype=pb.DATA_TYPE_UINT8, shape=[2**40, 2**40, 3]))]),
-        "inputs[0].rgb_image.data",
-        ["0 bytes"],
+        "inputs[0].rgb_image.shape",
+        ["describe more than"],
+    ),
+    "empty_prepared_input_with_a_huge_dimension": (
+        request(inputs=[pb.Input(prepared=pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[0, 2**63 - 1]))]),
+        "inputs[0].prepared.shape",
+        ["describe more than"],
+    ),
+    "empty_rgb_image_with_a_huge_dimension": (
+        request(inputs=[pb.Input(rgb_image=pb.Tensor(dtype=pb.DATA_TYPE_UINT8, shape=[0, 2**62, 3]))]),
+        "inputs[0].rgb_image.shape",
+        ["describe more than"],
+    ),
+    "empty_squared_error_target_with_a_huge_dimension": (
+        request(
+            loss=pb.Loss(
+                squared_error=pb.SquaredError(
+                    layer="fc8", target=pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[2**63 - 1, 0])
+                )
+            )
+        ),
+        "loss.squared_error.target.shape",
+        ["describe more than"],
+    ),
+    "empty_upstream_gradient_with_a_huge_dimension": (
+        request(
+            loss=pb.Loss(
+                upstream_gradient=pb.UpstreamGradient(
+                    layer="fc8", gradient=pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[0, 2**40, 2**40])
+                )
+            )
+        ),
+        "loss.upstream_gradient.gradient.shape",
+        ["describe more than"],
+    ),
+    "a_very_long_unknown_layer_name": (
+        request(targets=pb.GradientTargets(layers=["conv" + "x" * 20_000])),
+        "targets.layers",
+        ["(20004 characters)", "conv5_3"],
+    ),
+    "a_very_long_unknown_parameter_name": (
+        request(targets=pb.GradientTargets(parameters=["w" * 50_000])),
+        "targets.parameters",
+        ["(50000 characters)", "fc8/W"],
+    ),
+    "a_small_png_too_costly_to_resize": (
+        request(inputs=[pb.Input(encoded_image=THIN_PNG)]),
+        "inputs[0].encoded_image",
+        ["40000000x1", "MiB", "aspect ratio"],
+    ),
+    "an_rgb_image_too_costly_to_resize": (
+        request(
+            inputs=[
+                pb.Input(
+                    rgb_image=pb.Tensor(
+                        dtype=pb.DATA_TYPE_UINT8, shape=[1, 20_000_000, 3], data=bytes(60_000_000)
+                    )
+                )
+            ]
+        ),
+        "inputs[0].rgb_image",
+        ["1 pixels", "MiB"],
     ),
     "rgb_image_byte_length_lies": (
         request(
@@ -268,8 +338,9 @@ def test_bad_request_is_invalid_argument_naming_the_field_and_server_keeps_servi
         for fragment in fragments:
             assert fragment in error.message, (case, error.message)
         assert [f for f, _ in error.field_violations] == [field]
-        assert error.reason and error.reason != "INTERNAL"
+        assert error.reason and error.reason not in ("INTERNAL", "INVALID_ARGUMENT")
         assert "Traceback" not in error.message
+        assert len(error.message) <= 1024
     assert_still_serving(client)
 
 
@@ -315,4 +386,17 @@ def test_garbage_bytes_to_a_method_are_invalid_argument(server, client):
         with pytest.raises(grpc.RpcError) as caught:
             raw(b"\xff\xff\xff\xff garbage", timeout=30)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert_still_serving(client)
+
+
+def test_predict_result_over_the_cap_is_refused_before_compute_naming_the_stream(stub, client):
+    zeros = np.zeros((3, 224, 224), np.float32)
+    big = pb.PredictRequest(inputs=[prepared(zeros)] * 3, layers=["conv1_1", "conv1_2"])  # 77 MB
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Predict(big, timeout=60)
+    error = layergrad.from_grpc_error(caught.value)
+    assert isinstance(error, layergrad.ResourceExhausted)
+    assert error.reason == "USE_STREAM_GRADIENTS"
+    assert "activation_layers" in error.message and "nothing was computed" in error.message
+    assert str(3 * 2 * 64 * 224 * 224 * 4) in error.message
     assert_still_serving(client)

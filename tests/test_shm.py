@@ -20,6 +20,7 @@ import mmap
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -335,6 +336,32 @@ def test_region_errors_have_their_status_and_the_server_keeps_serving(stub, shm_
         make_rgb(1), layergrad.SumOfSquares("fc8"), parameters=["fc8/b"], shared_memory=True
     )
     assert result.parameters["fc8/b"].shape == (1000,)
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo", "socket"])
+def test_a_region_name_that_is_not_a_regular_segment_is_invalid_argument(stub, kind):
+    name = f"{shm.PREFIX}{kind}-{os.getpid()}"
+    path = pathlib.Path("/dev/shm") / name
+    holder = None
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path, 0o600)
+    else:
+        holder = socket.socket(socket.AF_UNIX)
+        holder.bind(str(path))
+    try:
+        error = rpc_error(
+            lambda: stub.ExportGradients(raw_request(pb.SharedMemoryRegion(name=name, size=4096)), timeout=60)
+        )
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
+        assert error_info(error).reason == "REGION_NOT_A_SEGMENT" and field_of(error) == ["region.name"]
+        assert "not a shared memory segment" in error.details()
+    finally:
+        if holder is not None:
+            holder.close()
+        path.rmdir() if kind == "directory" else path.unlink()
+    assert stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=60).model_name == "VGG16"
 
 
 def test_the_server_never_opens_names_outside_its_prefix(stub):

@@ -238,6 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=int(_env("MAX_IMAGE_PIXELS", str(defaults.image_limits.max_pixels))),
     )
     parser.add_argument(
+        "--max-image-memory",
+        type=int,
+        default=int(_env("MAX_IMAGE_MEMORY", str(defaults.image_limits.max_memory_bytes >> 20))),
+        help="MiB that decoding and resizing one image may take, estimated from its header "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
         "--log-format", choices=["text", "json"], default=_env("LOG_FORMAT", defaults.log_format)
     )
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", defaults.log_level))
@@ -306,7 +313,9 @@ def from_args(args: argparse.Namespace) -> ServerConfig:
         grace_seconds=args.grace,
         stall_seconds=args.stall_timeout,
         shared_memory=args.shared_memory,
-        image_limits=ImageLimits(max_pixels=args.max_image_pixels),
+        image_limits=ImageLimits(
+            max_pixels=args.max_image_pixels, max_memory_bytes=args.max_image_memory << 20
+        ),
         log_format=args.log_format,
         log_level=args.log_level.upper(),
         tls_cert=args.tls_cert,

@@ -42,6 +42,13 @@ KINDS = {
 }
 
 MAX_DIMS = 8
+# The most bytes a tensor's dimensions may describe, counting a zero dimension as one: far
+# above any request, far below what numpy refuses.
+MAX_TENSOR_EXTENT = 1 << 40
+
+
+def _shown_shape(shape: tuple[int, ...]) -> str:
+    return str(list(shape[:MAX_DIMS])) + ("" if len(shape) <= MAX_DIMS else f" ({len(shape)} dimensions)")
 
 
 # ---- protobuf -> numpy -----------------------------------------------------------
@@ -67,14 +74,29 @@ def tensor_to_array(
     shape = tuple(tensor.shape)
     if len(shape) > MAX_DIMS or any(d < 0 for d in shape) or (ndim is not None and len(shape) != ndim):
         expected = f"{ndim} non-negative dimensions" if ndim is not None else "non-negative dimensions"
-        raise InvalidArgument(f"shape {list(shape)} is invalid: expected {expected}", field=f"{field}.shape")
+        raise InvalidArgument(
+            f"shape {_shown_shape(shape)} is invalid: expected {expected}",
+            field=f"{field}.shape",
+            reason="BAD_SHAPE",
+        )
+    # Even an empty tensor's other dimensions must make an array numpy can describe.
+    extent = dtype.itemsize
+    for d in shape:
+        extent *= max(d, 1)
+    if extent > MAX_TENSOR_EXTENT:
+        raise InvalidArgument(
+            f"shape {_shown_shape(shape)} is invalid: its dimensions describe more than "
+            f"{MAX_TENSOR_EXTENT} bytes",
+            field=f"{field}.shape",
+            reason="BAD_SHAPE",
+        )
     count = 1
     for d in shape:
         count *= d
     expected_bytes = count * dtype.itemsize
     if len(tensor.data) != expected_bytes:
         raise InvalidArgument(
-            f"data has {len(tensor.data)} bytes but shape {list(shape)} of "
+            f"data has {len(tensor.data)} bytes but shape {_shown_shape(shape)} of "
             f"{pb.DataType.Name(tensor.dtype)} needs {expected_bytes}",
             field=f"{field}.data",
             reason="BYTE_LENGTH_MISMATCH",
@@ -170,7 +192,9 @@ def loss_from_proto(message: pb.Loss) -> engine.Loss | None:
         m = message.upstream_gradient
         if not m.HasField("gradient"):
             raise InvalidArgument(
-                "upstream_gradient needs a gradient tensor", field="loss.upstream_gradient.gradient"
+                "upstream_gradient needs a gradient tensor",
+                field="loss.upstream_gradient.gradient",
+                reason="MISSING_GRADIENT",
             )
         gradient = tensor_to_array(m.gradient, "loss.upstream_gradient.gradient", dtypes=float32, finite=True)
         return engine.UpstreamGradient(m.layer, gradient)

@@ -18,6 +18,7 @@ import enum
 import hashlib
 import io
 import logging
+import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ import chainer.functions as F  # noqa: N812
 import numpy as np
 from chainer.links.model.vision import vgg
 
-from layergrad_server.errors import InvalidArgument, names_hint
+from layergrad_server.errors import InvalidArgument, names_hint, shown
 from layergrad_server.weights.convert import VGG16_LAYOUT
 
 logger = logging.getLogger(__name__)
@@ -310,7 +311,9 @@ class Engine:
 
     def _check_batch(self, inputs: np.ndarray) -> int:
         if inputs.ndim != 4 or inputs.shape[0] == 0:
-            raise InvalidArgument("the batch is empty: send at least one input", field="inputs")
+            raise InvalidArgument(
+                "the batch is empty: send at least one input", field="inputs", reason="EMPTY_BATCH"
+            )
         if inputs.shape[0] > self.max_batch_size:
             raise InvalidArgument(
                 f"batch of {inputs.shape[0]} inputs exceeds the limit of {self.max_batch_size}",
@@ -321,7 +324,7 @@ class Engine:
 
     def _check_layer(self, name: str, field: str) -> str:
         if name not in self._layer_index:
-            message = f"unknown layer {name!r}" if name else "no layer given"
+            message = f"unknown layer {shown(name)}" if name else "no layer given"
             raise InvalidArgument(
                 f"{message}; {names_hint('layers', self.layer_names)}", field=field, reason="UNKNOWN_LAYER"
             )
@@ -330,7 +333,7 @@ class Engine:
     def _check_parameter(self, name: str, field: str) -> str:
         if name not in self._params:
             raise InvalidArgument(
-                f"unknown parameter {name!r}; {names_hint('parameters', self.parameter_names)}",
+                f"unknown parameter {shown(name)}; {names_hint('parameters', self.parameter_names)}",
                 field=field,
                 reason="UNKNOWN_PARAMETER",
             )
@@ -338,7 +341,11 @@ class Engine:
 
     def _check_classes(self, classes: np.ndarray, batch: int, width: int, field: str) -> None:
         if classes.shape != (batch,):
-            raise InvalidArgument(f"expected one class per input ({batch}), got {classes.size}", field=field)
+            raise InvalidArgument(
+                f"expected one class per input ({batch}), got {classes.size}",
+                field=field,
+                reason="CLASS_COUNT_MISMATCH",
+            )
         bad = classes[(classes < 0) | (classes >= width)]
         if bad.size:
             raise InvalidArgument(
@@ -355,6 +362,7 @@ class Engine:
                 f"layer {layer!r} has output shape {list(shape)}; class-based losses need a layer with "
                 f"a 1-D output: {', '.join(vector_layers)}",
                 field=field,
+                reason="LAYER_HAS_NO_CLASSES",
             )
         return shape[0]
 
@@ -387,7 +395,11 @@ class Engine:
             self._check_classes(loss.classes, batch, width, f"{field}.classes")
         elif isinstance(loss, SquaredError):
             if (loss.target is None) == (loss.target_classes is None):
-                raise InvalidArgument("set exactly one of target and target_classes", field=f"{field}.target")
+                raise InvalidArgument(
+                    "set exactly one of target and target_classes",
+                    field=f"{field}.target",
+                    reason="AMBIGUOUS_TARGET",
+                )
             if loss.target is not None:
                 self._check_tensor_shape(loss.target, layer, batch, f"{field}.target")
             else:
@@ -408,7 +420,9 @@ class Engine:
                 reason="MISSING_PATTERN",
             )
         if query.output_dtype not in OUTPUT_DTYPES:
-            raise InvalidArgument("output_dtype must be FLOAT32 or FLOAT16", field="output_dtype")
+            raise InvalidArgument(
+                "output_dtype must be FLOAT32 or FLOAT16", field="output_dtype", reason="BAD_DTYPE"
+            )
         loss_index = self._layer_index[loss_layer]
         if query.all_layers:
             layers = self.layer_names[: loss_index + 1]
@@ -468,9 +482,17 @@ class Engine:
         """Validates a Predict call; returns its layers in forward order."""
         self._check_batch(inputs)
         if output_dtype not in OUTPUT_DTYPES:
-            raise InvalidArgument("output_dtype must be FLOAT32 or FLOAT16", field="output_dtype")
+            raise InvalidArgument(
+                "output_dtype must be FLOAT32 or FLOAT16", field="output_dtype", reason="BAD_DTYPE"
+            )
         names = dict.fromkeys(self._check_layer(n, "layers") for n in (layers or ["prob"]))
         return tuple(sorted(names, key=self._layer_index.__getitem__))
+
+    def predict_bytes(self, batch: int, layers: Sequence[str], output_dtype: np.dtype) -> int:
+        """The size of a Predict result of ``batch`` inputs, before any input is decoded."""
+        names = dict.fromkeys(self._check_layer(n, "layers") for n in (layers or ["prob"]))
+        itemsize = np.dtype(output_dtype).itemsize
+        return sum(batch * math.prod(self.layer_shapes[n]) * itemsize for n in names)
 
     # ---- compute ---------------------------------------------------------------
 

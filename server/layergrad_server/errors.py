@@ -14,6 +14,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+# Longest part of a caller's string that an error message repeats.
+SHOWN_CHARS = 64
+
+
+def shown(value: str, limit: int = SHOWN_CHARS) -> str:
+    """``value`` quoted for an error message; a long one cut, with its length, so that a status
+    never grows with what the caller sent."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
+
 
 class LayergradError(Exception):
     """Base class; ``status`` is the gRPC status code name."""

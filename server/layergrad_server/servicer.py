@@ -151,10 +151,19 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:  # noqa: N802
         model = self._model
         with self._admit(cost_kind(request), request, context) as call:
+            dtype = convert.output_dtype(request.output_dtype)
+            size = model.predict_bytes(len(request.inputs), request.layers, dtype)
+            if size > self._config.max_unary_response_bytes:
+                raise ResultTooLarge(
+                    f"the result is {size} bytes, above the unary limit of "
+                    f"{self._config.max_unary_response_bytes} bytes; nothing was computed: ask for "
+                    "fewer layers or inputs, or stream the activations with StreamGradients' "
+                    "activation_layers",
+                    reason="USE_STREAM_GRADIENTS",
+                )
             batch = convert.inputs_to_batch(
                 request.inputs, self._config.image_limits, self._config.max_batch_size
             )
-            dtype = convert.output_dtype(request.output_dtype)
             with call.computing():
                 result = model.predict(batch, tuple(request.layers), dtype, checkpoint=call.checkpoint)
             return convert.predict_response(result)

@@ -379,7 +379,8 @@ def _no_memory(name: str, exc: OSError) -> FailedPrecondition:
 def _open(name: str) -> int:
     """Opens an existing segment read-write, turning OS errors into the caller's errors."""
     try:
-        return _posixshmem.shm_open("/" + name, os.O_RDWR | os.O_NOFOLLOW, mode=0)
+        # O_NONBLOCK: a FIFO in the segment's place must not block the open.
+        return _posixshmem.shm_open("/" + name, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK, mode=0)
     except FileNotFoundError:
         raise NotFound(
             f"no shared memory segment {name!r} on the server's host: create it first (the server "
@@ -395,13 +396,36 @@ def _open(name: str) -> int:
                 field="region.name",
                 reason="REGION_PERMISSION_DENIED",
             ) from None
+        if exc.errno in (errno.EISDIR, errno.ENXIO, errno.ENODEV):
+            what = "a directory" if exc.errno == errno.EISDIR else "a socket or device"
+            raise _not_a_segment(name, what) from None
         raise
+
+
+def _not_a_segment(name: str, what: str) -> InvalidArgument:
+    return InvalidArgument(
+        f"{name!r} under /dev/shm is {what}, not a shared memory segment: create the segment with "
+        "shm_open (or multiprocessing.shared_memory)",
+        field="region.name",
+        reason="REGION_NOT_A_SEGMENT",
+    )
+
+
+_FILE_TYPES = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
 
 
 def _check_segment(fd: int, region: Region) -> os.stat_result:
     """The open segment's status, once it is known to be the server user's, big enough, and locked."""
     info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+    if not stat.S_ISREG(info.st_mode):
+        raise _not_a_segment(region.name, _FILE_TYPES.get(stat.S_IFMT(info.st_mode), "not a regular file"))
+    if info.st_uid != os.geteuid():
         raise PermissionDenied(
             f"shared memory segment {region.name!r} belongs to another user; the server writes "
             "only into segments of the user it runs as",

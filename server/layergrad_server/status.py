@@ -42,8 +42,15 @@ class _RichStatus(_Status, grpc.Status):
     """A status with arbitrary trailing metadata."""
 
 
+# Longest status message sent: the message travels twice (details and google.rpc.Status),
+# and gRPC clients refuse trailers above 8 KiB by default.
+MAX_MESSAGE_CHARS = 1024
+
+
 def status_for(error: LayergradError) -> grpc.Status:
     """The gRPC status, with rich details, of a domain error."""
+    if len(error.message) > MAX_MESSAGE_CHARS:
+        error.message = error.message[: MAX_MESSAGE_CHARS - 20] + " ... (message cut)"
     details: list[Any] = []
     info = error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata)
     details.append(info)
