@@ -6,8 +6,9 @@ PIP := $(PY) -m pip
 ADDRESS ?= 127.0.0.1:50051
 SERVER_ARGS ?=
 LOADTEST_ARGS ?=
+SOAK_ARGS ?=
 
-.PHONY: setup run serve demo test lint proto proto-check bench loadtest clean
+.PHONY: setup run serve demo test lint proto proto-check bench loadtest soak clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +47,10 @@ bench: setup
 # N clients for T seconds against one loopback server with a small queue (LOADTEST_ARGS=...).
 loadtest: setup
 	$(PY) scripts/loadtest.py $(LOADTEST_ARGS)
+
+# Good, bad, slow and idle callers against one server for a bounded time (SOAK_ARGS=...).
+soak: setup
+	$(PY) scripts/soak.py $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info client/*.egg-info server/*.egg-info
