@@ -396,9 +396,14 @@ def _open(name: str) -> int:
                 field="region.name",
                 reason="REGION_PERMISSION_DENIED",
             ) from None
-        if exc.errno in (errno.EISDIR, errno.ENXIO, errno.ENODEV):
-            what = "a directory" if exc.errno == errno.EISDIR else "a socket or device"
-            raise _not_a_segment(name, what) from None
+        if exc.errno in (errno.EISDIR, errno.ENXIO, errno.ENODEV, errno.EINVAL):
+            # A directory (EINVAL from shm_open, EISDIR from open), a socket or a device.
+            try:
+                mode = os.lstat(f"/dev/shm/{name}").st_mode
+            except OSError:
+                raise exc from None
+            if not stat.S_ISREG(mode):
+                raise _not_a_segment(name, _FILE_TYPES.get(stat.S_IFMT(mode), "not a regular file")) from None
         raise
 
 
