@@ -175,6 +175,14 @@ class ModelAdapter(abc.ABC):
     def skeleton(self) -> chainer.Link:
         """The network with placeholder weights, to be overwritten (for example by random weights)."""
 
+    def random(self, seed: int) -> chainer.Link:
+        """The network with seeded random weights (``random:SEED``), calibrated layer by layer."""
+        from layergrad_server.models.calibrate import calibrated_random_weights
+
+        net = self.skeleton()
+        calibrated_random_weights(self, net, seed)
+        return loaded(net)
+
     def weight_layout(self, net: chainer.Link) -> dict[str, tuple[int, ...]]:
         """Every array the network's npz holds (parameters and persistents): key -> shape."""
         serializer = chainer.serializers.DictionarySerializer()
@@ -244,11 +252,8 @@ class _LinkRecorder(chainer.LinkHook):
 
     def forward_postprocess(self, args: object) -> None:
         path = self._paths.get(id(args.link))
-        if path is None:
-            return
-        if path not in self.order:
-            self.order.append(path)
-        if (self._wanted is None or path in self._wanted) and isinstance(args.out, chainer.Variable):
+        wanted = path is not None and (self._wanted is None or path in self._wanted)
+        if wanted and isinstance(args.out, chainer.Variable):
             self.outputs[path] = args.out
 
     def forward_preprocess(self, args: object) -> None:

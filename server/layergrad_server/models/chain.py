@@ -116,14 +116,6 @@ class ChainAdapter(ModelAdapter):
         chainer.serializers.load_npz(weights, net)
         return loaded(net)
 
-    def random(self, seed: int) -> chainer.Link:
-        """The chain with seeded, calibrated random weights."""
-        from layergrad_server.models.calibrate import calibrated_random_weights
-
-        net = self.skeleton()
-        calibrated_random_weights(self, net, seed)
-        return loaded(net)
-
     def prepare(self, image: object, size: tuple[int, int] | None = None) -> np.ndarray:
         if self._preprocess is None:
             return caffe_prepare(image, self.input_spec, size)

@@ -32,7 +32,6 @@ import numpy as np
 from chainer.links.model.vision import googlenet, resnet, vgg
 
 from layergrad_server.models.base import InputSpec, ModelAdapter, WeightsFile, loaded
-from layergrad_server.models.calibrate import calibrated_random_weights
 
 
 @functools.cache
@@ -66,12 +65,6 @@ class BuiltinAdapter(ModelAdapter):
 
     def labels(self) -> tuple[str, ...]:
         return imagenet_labels()
-
-    def random(self, seed: int) -> chainer.Link:
-        """The network with seeded, calibrated random weights."""
-        net = self.skeleton()
-        calibrated_random_weights(self, net, seed)
-        return loaded(net)
 
 
 _VGG_MEAN = (103.939, 116.779, 123.68)
@@ -107,7 +100,7 @@ class VGG19(VGG16):
     layer_names = _vgg_layers((2, 2, 4, 4, 4))
 
     def random(self, seed: int) -> chainer.Link:
-        return BuiltinAdapter.random(self, seed)
+        return ModelAdapter.random(self, seed)
 
 
 class GoogLeNet(BuiltinAdapter):
