@@ -12,8 +12,18 @@ import numpy as np
 import pytest
 from chainer.links.model.vision import googlenet, resnet, vgg
 from conftest import make_rgb
+from layergrad_server.engine import (
+    Engine,
+    GradientQuery,
+    Pattern,
+    SoftmaxCrossEntropy,
+    SumOfSquares,
+    WeightsSource,
+)
+from layergrad_server.errors import InvalidArgument
 from layergrad_server.models import BUILTINS, InputSpec, imagenet_labels, trace
 from layergrad_server.models.chain import ChainAdapter, ChainConfig
+from layergrad_server.weights.convert import VGG16_LAYOUT
 from PIL import Image
 
 
@@ -290,3 +300,38 @@ def test_user_chain_layers_by_link_path(tiny) -> None:
     assert acts["fc"].shape == (1, 4)
     with pytest.raises(ValueError, match="not among the exposed layers"):
         ChainConfig("bad", "test_models:build_tiny", SPEC, ("fc",), logits_layer="logits")
+
+
+# ---- the engine over an adapter ------------------------------------------------------------
+
+
+def test_vgg16_model_order_is_the_npz_layout_order(built) -> None:
+    adapter, net, _ = built("VGG16")
+    assert [p.name for p in trace(adapter, net).parameters] == list(VGG16_LAYOUT)
+
+
+def test_engine_on_googlenet_refuses_an_aux_head_target_of_a_prob_loss() -> None:
+    model = Engine(
+        WeightsSource("random:0", pretrained=False, random_seed=0), adapter=BUILTINS["GoogLeNet"]()
+    )
+    inputs = _input(model.input_shape)
+
+    def plan(layer: str, targets: list[str], all_layers: bool = False):
+        query = GradientQuery(
+            inputs, SumOfSquares(layer), Pattern.GRAD, layers=targets, all_layers=all_layers
+        )
+        return model.plan(query)
+
+    with pytest.raises(InvalidArgument) as caught:
+        plan("prob", ["loss1_fc2"])
+    assert caught.value.reason == "LAYER_AFTER_LOSS"
+    assert plan("loss1_fc2", ["inception_4a"]).layers == ("inception_4a",)
+    with pytest.raises(InvalidArgument):
+        plan("loss1_fc2", ["inception_4b"])
+    everything = plan("loss2_fc2", [], all_layers=True).layers
+    assert everything[-3:] == ("inception_4c", "inception_4d", "loss2_fc2")
+    assert "prob" not in everything and "inception_4e" not in everything
+    result = model.gradients(plan("loss1_fc2", ["inception_4a"]))
+    assert np.count_nonzero(result.tensors[0].array) > 0
+    cross_entropy = GradientQuery(inputs, SoftmaxCrossEntropy(np.array([3])), Pattern.GRAD, input=True)
+    assert model.plan(cross_entropy).loss_layer == "loss3_fc"  # GoogLeNet's logits
