@@ -1,8 +1,13 @@
-"""The compute core: a Chainer VGG16 and the three backward patterns.
+"""The compute core: one Chainer model behind its adapter, and the three backward patterns.
 
-Knows nothing of gRPC or protobuf. ``Engine.plan`` validates a ``GradientQuery``
+Knows nothing of gRPC or protobuf. The model is a
+:class:`layergrad_server.models.ModelAdapter` (VGG16 by default): the engine asks it
+to build the network, to run the forward pass and for the logits layer; the layer
+shapes, what each layer depends on and the parameters in model order come from
+:func:`layergrad_server.models.trace`. ``Engine.plan`` validates a ``GradientQuery``
 against the model and sizes its result without computing; ``Engine.gradients``
-runs it. Every forward pass runs with ``chainer.config.train = False`` (no
+runs it. A layer target must be one the loss depends on in the network's graph.
+Every forward pass runs with ``chainer.config.train = False`` (no
 dropout), so results are deterministic. Parameters' ``.grad`` is shared state,
 so compute is serialised by one lock per engine.
 
@@ -16,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hashlib
-import io
 import logging
 import math
 import threading
@@ -26,16 +30,21 @@ from contextlib import contextmanager
 import chainer  # importable on numpy 2: the package __init__ applied the shim
 import chainer.functions as F  # noqa: N812
 import numpy as np
-from chainer.links.model.vision import vgg
 
 from layergrad_server.errors import InvalidArgument, names_hint, shown
-from layergrad_server.weights.convert import VGG16_LAYOUT
+from layergrad_server.models import ModelAdapter, trace
+from layergrad_server.models.base import ordered_params
+from layergrad_server.models.vision import VGG16, vgg16_random_npz
 
 logger = logging.getLogger(__name__)
 
-INPUT_SHAPE = (3, 224, 224)
-MEAN_BGR = (103.939, 116.779, 123.68)
-MODEL_NAME = "VGG16"
+#: The default model's adapter, and its name and input, for callers that serve only it.
+DEFAULT_ADAPTER: ModelAdapter = VGG16()
+INPUT_SHAPE = DEFAULT_ADAPTER.input_spec.shape
+MEAN_BGR = DEFAULT_ADAPTER.input_spec.mean
+MODEL_NAME = DEFAULT_ADAPTER.name
+#: VGG16's seeded random weights as an npz (the default model's ``random:SEED``).
+random_weights_npz = vgg16_random_npz
 INPUT_NAME = "input"
 OUTPUT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
@@ -78,7 +87,7 @@ class SquaredError:
 
 @dataclasses.dataclass(frozen=True)
 class SoftmaxCrossEntropy:
-    """softmax_cross_entropy(fc8, labels), averaged over the batch."""
+    """softmax_cross_entropy(logits, labels), averaged over the batch (VGG16's logits: fc8)."""
 
     labels: np.ndarray
 
@@ -198,30 +207,6 @@ class WeightsSource:
     file_sha256: str = ""
 
 
-def random_weights_npz(seed: int) -> io.BytesIO:
-    """Deterministic He-normal weights and small biases for every VGG16 parameter, as an npz.
-
-    conv1_1/W is further scaled by 1/128, bringing the prepared input (pixel
-    values minus the mean, roughly -128..128) to unit scale, so activations stay
-    moderate through the network and the softmax is not saturated: gradients
-    of every loss are informative. Written in Chainer's VGG16Layers npz layout
-    so it loads through the same ``load_npz`` path as a weights file.
-    """
-    rng = np.random.default_rng(seed)
-    arrays = {}
-    for name, shape in VGG16_LAYOUT.items():
-        if name.endswith("/W"):
-            fan_in = int(np.prod(shape[1:]))
-            std = np.sqrt(2.0 / fan_in) / (128.0 if name == "conv1_1/W" else 1.0)
-            arrays[name] = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
-        else:
-            arrays[name] = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.01)
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    buffer.seek(0)
-    return buffer
-
-
 Checkpoint = Callable[[], None]
 
 
@@ -252,28 +237,39 @@ def _checkpoints(checkpoint: Checkpoint | None) -> Iterator[None]:
 
 
 class Engine:
-    """Holds one VGG16Layers and computes gradients and activations."""
+    """Holds one model (its adapter and network) and computes gradients and activations."""
 
-    def __init__(self, weights: WeightsSource, *, max_batch_size: int = 32, device: str = "@numpy") -> None:
+    def __init__(
+        self,
+        weights: WeightsSource,
+        *,
+        adapter: ModelAdapter | None = None,
+        max_batch_size: int = 32,
+        device: str = "@numpy",
+    ) -> None:
         self.weights = weights
+        self.adapter = adapter if adapter is not None else DEFAULT_ADAPTER
         # A Chainer device specifier: "@numpy" (CPU), "@cupy:0" (GPU 0, needs CuPy).
         self.device = chainer.get_device(device)
         self.max_batch_size = max_batch_size
         self._lock = threading.Lock()
         if weights.npz_path is not None:
-            self.net = vgg.VGG16Layers(pretrained_model=weights.npz_path)
+            self.net = self.adapter.load(weights.npz_path)
         elif weights.random_seed is not None:
-            self.net = vgg.VGG16Layers(pretrained_model=random_weights_npz(weights.random_seed))
+            self.net = self.adapter.random(weights.random_seed)
         else:
             raise ValueError("weights need an npz path or a random seed")
         self.net.to_device(self.device)
-        self.layer_names: tuple[str, ...] = tuple(self.net.available_layers)
+        self.description = trace(self.adapter, self.net, device=self.device)
+        self.input_shape: tuple[int, ...] = self.description.input_shape
+        self.layer_names: tuple[str, ...] = self.adapter.layer_names
         self._layer_index = {name: i for i, name in enumerate(self.layer_names)}
-        params = {name.lstrip("/"): param for name, param in self.net.namedparams()}
-        self._params = {name: params[name] for name in VGG16_LAYOUT}  # model order
+        self._params = ordered_params(self.net, self.description)  # model order
         self.parameter_names: tuple[str, ...] = tuple(self._params)
         self.parameters_sha256 = self._parameters_digest()
-        self.layer_shapes: dict[str, tuple[int, ...]] = {}
+        self.layer_shapes: dict[str, tuple[int, ...]] = {
+            info.name: info.shape for info in self.description.layers
+        }
 
     # ---- model description -------------------------------------------------
 
@@ -294,18 +290,32 @@ class Engine:
 
     def warm_up(self) -> None:
         """Runs one forward and backward pass on a zero image; records layer output shapes."""
-        x = chainer.Variable(self.device.xp.zeros((1, *INPUT_SHAPE), dtype=np.float32))
+        x = chainer.Variable(self.device.xp.zeros((1, *self.input_shape), dtype=np.float32))
+        output = self.adapter.probability_layer or self.adapter.default_output
         with self._lock, chainer.using_config("train", False), chainer.using_device(self.device):
-            acts = self.net.forward(x, layers=list(self.layer_names))
-            chainer.grad([F.sum(acts["prob"])], [x])
+            acts = self._forward(x, self.layer_names)
+            chainer.grad([F.sum(acts[output])], [x])
         self.layer_shapes = {name: tuple(acts[name].shape[1:]) for name in self.layer_names}
 
     # ---- input preparation ---------------------------------------------------
 
     @staticmethod
     def prepare(image: object) -> np.ndarray:
-        """Chainer's own ``vgg.prepare`` of a PIL image: resize, RGB->BGR, mean, CHW."""
-        return vgg.prepare(image)
+        """The default model's preparation of a PIL image (VGG16: Chainer's own ``vgg.prepare``).
+
+        An engine's own model prepares with ``engine.adapter.prepare``.
+        """
+        return DEFAULT_ADAPTER.prepare(image)
+
+    def _forward(self, x: chainer.Variable, layers: Sequence[str]) -> dict[str, chainer.Variable]:
+        """The model's forward computing ``layers`` (their union, in forward order)."""
+        return self.adapter.forward_layers(
+            self.net, x, sorted(set(layers), key=self._layer_index.__getitem__)
+        )
+
+    def _loss_reaches(self, loss_layer: str, layer: str) -> bool:
+        """Whether a loss on ``loss_layer`` depends on ``layer``: read from the graph, not the list order."""
+        return self.description.loss_depends_on_layer(loss_layer, layer)
 
     # ---- validation ----------------------------------------------------------
 
@@ -387,8 +397,14 @@ class Engine:
             )
         field = _LOSS_FIELDS[type(loss)]
         if isinstance(loss, SoftmaxCrossEntropy):
-            self._check_classes(loss.labels, batch, self.layer_shapes["fc8"][0], f"{field}.labels")
-            return "fc8"
+            logits = self.adapter.logits_layer
+            if logits is None:
+                raise InvalidArgument(
+                    f"model {self.adapter.name} has no logits layer for softmax cross-entropy",
+                    field=f"{field}.labels",
+                )
+            self._check_classes(loss.labels, batch, self.layer_shapes[logits][0], f"{field}.labels")
+            return logits
         layer = self._check_layer(loss.layer, f"{field}.layer")
         if isinstance(loss, ClassScore):
             width = self._check_vector_layer(layer, f"{field}.layer")
@@ -423,13 +439,12 @@ class Engine:
             raise InvalidArgument(
                 "output_dtype must be FLOAT32 or FLOAT16", field="output_dtype", reason="BAD_DTYPE"
             )
-        loss_index = self._layer_index[loss_layer]
         if query.all_layers:
-            layers = self.layer_names[: loss_index + 1]
+            layers = tuple(n for n in self.layer_names if self._loss_reaches(loss_layer, n))
         else:
             layers = tuple(dict.fromkeys(self._check_layer(n, "targets.layers") for n in query.layers))
         for name in layers:
-            if self._layer_index[name] > loss_index:
+            if not self._loss_reaches(loss_layer, name):
                 raise InvalidArgument(
                     f"layer {name!r} comes after the loss layer {loss_layer!r}: the loss does not depend "
                     f"on it; ask for layers up to {loss_layer!r}",
@@ -463,7 +478,7 @@ class Engine:
         dtype = query.output_dtype
         results: list[ResultSpec] = []
         if query.input:
-            results.append(ResultSpec(INPUT_NAME, Kind.INPUT_GRADIENT, (batch, *INPUT_SHAPE), dtype))
+            results.append(ResultSpec(INPUT_NAME, Kind.INPUT_GRADIENT, (batch, *self.input_shape), dtype))
         results += [
             ResultSpec(n, Kind.LAYER_GRADIENT, (batch, *self.layer_shapes[n]), dtype)
             for n in sorted(layers, key=self._layer_index.__getitem__)
@@ -485,12 +500,16 @@ class Engine:
             raise InvalidArgument(
                 "output_dtype must be FLOAT32 or FLOAT16", field="output_dtype", reason="BAD_DTYPE"
             )
-        names = dict.fromkeys(self._check_layer(n, "layers") for n in (layers or ["prob"]))
+        names = dict.fromkeys(
+            self._check_layer(n, "layers") for n in (layers or [self.adapter.default_output])
+        )
         return tuple(sorted(names, key=self._layer_index.__getitem__))
 
     def predict_bytes(self, batch: int, layers: Sequence[str], output_dtype: np.dtype) -> int:
         """The size of a Predict result of ``batch`` inputs, before any input is decoded."""
-        names = dict.fromkeys(self._check_layer(n, "layers") for n in (layers or ["prob"]))
+        names = dict.fromkeys(
+            self._check_layer(n, "layers") for n in (layers or [self.adapter.default_output])
+        )
         itemsize = np.dtype(output_dtype).itemsize
         return sum(batch * math.prod(self.layer_shapes[n]) * itemsize for n in names)
 
@@ -513,7 +532,7 @@ class Engine:
             chainer.using_device(self.device),
             _checkpoints(checkpoint),
         ):
-            acts = self.net.forward(self.device.send(inputs), layers=list(names))
+            acts = self._forward(self.device.send(inputs), names)
             arrays = {n: _to_host(acts[n].array) for n in names}
         return [ResultTensor(n, Kind.ACTIVATION, arrays[n].astype(output_dtype, copy=False)) for n in names]
 
@@ -535,7 +554,7 @@ class Engine:
         ):
             x = chainer.Variable(self.device.send(query.inputs))
             wanted = {plan.loss_layer, *plan.layers, *query.activations}
-            acts = self.net.forward(x, layers=sorted(wanted, key=self._layer_index.__getitem__))
+            acts = self._forward(x, wanted)
             root, root_grad, loss_value = self._objective(query.loss, acts[plan.loss_layer])
             if query.pattern is Pattern.GRAD:
                 grads = self._run_grad(plan, x, acts, root, root_grad)
