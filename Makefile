@@ -8,22 +8,37 @@ SERVER_ARGS ?=
 LOADTEST_ARGS ?=
 SOAK_ARGS ?=
 
-.PHONY: setup run serve demo test lint proto proto-check bench loadtest soak clean
+.PHONY: help setup run serve demo test lint proto proto-check bench loadtest soak clean
 
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --upgrade pip "setuptools>=77,<81" wheel
-	$(PIP) install --no-build-isolation "chainer==7.8.1"
-	$(PIP) install -e ".[server,dev]"
+# Plain `make` prints this list and installs nothing.
+help:
+	@echo "layergrad: make TARGET"
+	@echo "  setup       create .venv and install Chainer, the server and the SDK (editable) with dev tools"
+	@echo "  run         install without dev tools, start a server on a free port, demo every call, stop it"
+	@echo "  serve       install without dev tools, run the server on $(ADDRESS) (ADDRESS=..., SERVER_ARGS=...)"
+	@echo "  test        the test suite (installs the dev tools)"
+	@echo "  lint        ruff check and format check"
+	@echo "  proto       regenerate the committed stubs; proto-check fails if they are stale"
+	@echo "  bench       service vs in-process Chainer; loadtest: N clients against one server"
+	@echo "  soak        idle, stalled, late, cancelled and hostile callers against one server"
+	@echo "  clean       remove .venv and build outputs"
+
+# The server and SDK only (make run, make serve); the dev install below includes it.
+$(VENV)/.installed-server: pyproject.toml scripts/install.sh
+	PYTHON=$(PYTHON) scripts/install.sh --venv $(VENV)
 	touch $@
+
+$(VENV)/.installed: pyproject.toml scripts/install.sh
+	PYTHON=$(PYTHON) scripts/install.sh --venv $(VENV) --dev
+	touch $@ $(VENV)/.installed-server
 
 setup: $(VENV)/.installed
 
 # Starts a server on a free port, makes a demo call with the SDK, stops it.
-run: setup
+run: $(VENV)/.installed-server
 	$(PY) scripts/demo.py $(SERVER_ARGS)
 
-serve: setup
+serve: $(VENV)/.installed-server
 	$(VENV)/bin/layergrad-server --address $(ADDRESS) $(SERVER_ARGS)
 
 test: setup

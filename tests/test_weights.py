@@ -545,6 +545,21 @@ def test_http_error_fails_at_once_with_status(file_server: FileServer, tmp_path:
     assert sorted(p.name for p in cache.iterdir()) == [".lock"]
 
 
+def test_host_that_does_not_resolve_fails_at_once_without_retrying(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    # .invalid never resolves (RFC 6761): offline and online alike, getaddrinfo fails.
+    url = "http://layergrad-weights.invalid/VGG_ILSVRC_16_layers.caffemodel"
+    caplog.set_level(logging.WARNING, logger=store.__name__)
+    cache = tmp_path / "cache"
+    assert weights_main(["fetch", "--cache-dir", str(cache), "--url", url, "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot resolve layergrad-weights.invalid" in err
+    assert "--weights PATH" in err and store.WEIGHTS_URL_ENV in err
+    assert not [r for r in caplog.records if "retrying" in r.getMessage()]
+    assert sorted(p.name for p in cache.iterdir()) == [".lock"]
+
+
 # --- CLI -----------------------------------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import signal
@@ -10,12 +11,36 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from layergrad_server import config as config_module
-
 if TYPE_CHECKING:
+    from layergrad_server import config as config_module
     from layergrad_server.engine import WeightsSource
 
 logger = logging.getLogger("layergrad_server")
+
+# Modules of the `server` extra (the SDK alone, `pip install .`, installs the script but not these).
+SERVER_MODULES = {
+    "PIL": "pillow",
+    "chainer": "chainer",
+    "grpc_health": "grpcio-health-checking",
+    "grpc_reflection": "grpcio-reflection",
+    "threadpoolctl": "threadpoolctl",
+}
+
+MISSING_SERVER_HELP = """\
+layergrad-server: the server's dependencies are not installed (missing: {missing}).
+`pip install .` installs the SDK and the `layergrad` command only. For the server, in a virtual
+environment (Chainer 7.8.1 is an sdist that needs setuptools<81 and no build isolation):
+
+    pip install --upgrade pip "setuptools>=77,<81" wheel
+    pip install --no-build-isolation "chainer==7.8.1"
+    pip install '.[server]'
+
+or run scripts/install.sh (what `make setup` does)."""
+
+
+def missing_server_modules() -> list[str]:
+    """Distributions of the `server` extra whose modules cannot be imported here."""
+    return [dist for module, dist in SERVER_MODULES.items() if importlib.util.find_spec(module) is None]
 
 
 class _JsonFormatter(logging.Formatter):
@@ -71,6 +96,12 @@ def supervise(config: config_module.ServerConfig, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    missing = missing_server_modules()
+    if missing:
+        print(MISSING_SERVER_HELP.format(missing=", ".join(missing)), file=sys.stderr)
+        return 2
+    from layergrad_server import config as config_module
+
     if argv[:1] == ["weights"]:
         from layergrad_server.weights.cli import weights_main
 

@@ -23,9 +23,11 @@ import hashlib
 import http.client
 import logging
 import os
+import socket
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -411,7 +413,17 @@ def _attempt(url: str, out: BinaryIO, state: _DownloadState, timeout: float, bar
         if exc.code in (408, 425, 429) or exc.code >= 500:
             raise _RetryableError(f"HTTP {exc.code} {exc.reason}") from exc
         raise WeightsError(f"download from {url} failed: HTTP {exc.code} {exc.reason}") from exc
-    except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as exc:
+    except urllib.error.URLError as exc:
+        if isinstance(exc.reason, socket.gaierror):
+            # No retry: offline, or a host name that does not resolve, is not a dropped connection.
+            host = urllib.parse.urlsplit(url).hostname
+            raise WeightsError(
+                f"cannot resolve {host} ({exc.reason}): no network or DNS here? Download the weights "
+                f"elsewhere and pass --weights PATH, or point ${WEIGHTS_URL_ENV} (fetch --url) at a mirror "
+                "you can reach"
+            ) from exc
+        raise _RetryableError(f"{type(exc).__name__}: {exc}") from exc
+    except (http.client.HTTPException, ConnectionError, TimeoutError) as exc:
         raise _RetryableError(f"{type(exc).__name__}: {exc}") from exc
     except ValueError as exc:  # urllib's answer to a malformed URL
         raise WeightsError(f"bad download URL {url!r}: {exc}") from exc
