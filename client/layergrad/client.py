@@ -338,6 +338,7 @@ class Client:
         if config is not None:
             channel_args.append(("grpc.service_config", json.dumps(config)))
         channel_options = _merge_options([*DEFAULT_CHANNEL_OPTIONS, *channel_args], options)
+        self._channel_options = channel_options
         credentials = _channel_credentials(
             target, credentials, root_certificates, private_key, certificate_chain, token
         )
