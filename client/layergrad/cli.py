@@ -104,6 +104,11 @@ def _parser() -> argparse.ArgumentParser:
         "replicas (default: $LAYERGRAD_TARGET or %(default)s)",
     )
     parser.add_argument(
+        "--progress",
+        action="store_true",
+        help="show progress on stderr while a batch larger than the server takes is sent in parts",
+    )
+    parser.add_argument(
         "--wait",
         action="store_true",
         help="wait for a server still starting or loading its model (within --timeout) instead of failing",
@@ -259,7 +264,7 @@ def _input_line(spec: InputSpec) -> str:
 def _run_predict(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     if args.top < 1:
         raise UsageError("--top must be at least 1")
-    outputs = client.predict(args.images, args.layers)
+    outputs = client.predict(args.images, args.layers, progress=_progress_bar(args))
     if "prob" in outputs:
         _print_top(args.images, outputs["prob"], args.top, out)
     _print_summary(outputs, out)
@@ -289,12 +294,28 @@ def _run_grad(client: Client, args: argparse.Namespace, out: TextIO) -> int:
         input=want_input,
         activations=args.activations,
         dtype="float16" if args.float16 else "float32",
+        progress=_progress_bar(args),
     )
     _save_result(result, args.out)
     _print_summary(result.as_dict(), out)
     out.write(f"loss {result.loss:.6g}\n" if result.loss is not None else "loss -\n")
     out.write(f"saved {len(result.as_dict())} arrays to {args.out}\n")
     return 0
+
+
+def _progress_bar(args: argparse.Namespace) -> Callable[[int, int], None] | None:
+    """With ``--progress``: a one-line bar on stderr, redrawn after each part of the batch."""
+    if not args.progress:
+        return None
+
+    def draw(done: int, total: int, width: int = 30) -> None:
+        filled = width * done // total
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} inputs")
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return draw
 
 
 def _save_result(result: GradientResult, path: str) -> None:

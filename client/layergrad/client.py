@@ -63,7 +63,7 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-from layergrad import _channel
+from layergrad import _batching, _channel
 from layergrad._channel import DEFAULT_PORT, SERVICE_NAME
 from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
 from layergrad._gen.layergrad.v1 import gradient_service_pb2_grpc as pb_grpc
@@ -452,16 +452,45 @@ class Client:
         dtype: OutputDType = "float32",
         timeout: float | None = None,
         wait_for_ready: bool | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> dict[str, np.ndarray]:
         """Runs the forward pass and returns the outputs of ``layers``, each ``[batch] + layer shape``.
 
-        ``wait_for_ready``: wait for a server not ready yet (see :meth:`gradients`).
+        ``wait_for_ready``: wait for a server not ready yet; a batch larger than the
+        server takes is split into several calls, their outputs concatenated, with
+        ``progress`` called after each (see :meth:`gradients`).
         """
         request = pb.PredictRequest(
             inputs=to_inputs(images), layers=_names(layers, "layers"), output_dtype=_output_dtype(dtype)
         )
-        response = self._invoke(lambda kwargs: self._stub.Predict(request, **kwargs), timeout, wait_for_ready)
-        return {named.name: from_tensor(named.tensor) for named in response.activations}
+
+        def run(part: pb.PredictRequest) -> dict[str, np.ndarray]:
+            response = self._invoke(
+                lambda kwargs: self._stub.Predict(part, **kwargs), timeout, wait_for_ready
+            )
+            return {named.name: from_tensor(named.tensor) for named in response.activations}
+
+        batch = len(request.inputs)
+        limit = self._max_batch if self.split_batches else None
+        if limit is None or batch <= limit:
+            try:
+                outputs = run(request)
+            except InvalidArgument as exc:
+                limit = self._batch_limit_after(exc, batch, timeout)
+                if limit is None:
+                    raise
+            else:
+                if progress is not None:
+                    progress(batch, batch)
+                return outputs
+        parts = []
+        for start, stop in _batching.bounds(batch, limit):
+            part = pb.PredictRequest(layers=request.layers, output_dtype=request.output_dtype)
+            part.inputs.extend(request.inputs[start:stop])
+            parts.append(run(part))
+            if progress is not None:
+                progress(stop, batch)
+        return _batching.join_predictions(parts)
 
     def top_classes(
         self,
@@ -494,6 +523,7 @@ class Client:
         copy: bool = True,
         out: GradientResult | None = None,
         wait_for_ready: bool | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> GradientResult:
         """Computes the requested gradients of ``loss``, streamed so any size works.
 
@@ -536,6 +566,20 @@ class Client:
                 Unavailable because its model is still loading; None uses the Client's
                 ``wait_for_ready``. Without waiting such a call fails with Unavailable
                 after gRPC's few retries.
+            progress: called as ``progress(inputs_done, inputs_total)`` after each call
+                to the server (once, or once per sub-batch; see below).
+
+        Batches larger than the server takes (``ModelInfo.max_batch_size``) are split
+        into consecutive sub-batches, one call each (``timeout`` applies to each), and
+        joined as one call with every input would return them: parameter gradients
+        and loss values summed, per-input gradients and activations concatenated,
+        SoftmaxCrossEntropy (a batch mean) weighted by each sub-batch's share of the
+        inputs. They agree with one big call to float32 rounding: within
+        ``rtol=1e-4`` of each tensor's largest magnitude (the sums over the batch are
+        added in another order). The loss's per-input data (classes, labels, targets,
+        upstream gradients) must then hold one entry per input (ValueError otherwise).
+        The Client learns the limit from :meth:`model_info` (or the server's first
+        ``BATCH_TOO_LARGE`` refusal); ``split_batches=False`` turns splitting off.
 
         A Client remembers the layout (names, shapes, dtypes) of recent results; when a
         call asks for the same targets as an earlier one, the arrays of its large tensors
@@ -551,12 +595,64 @@ class Client:
         request = _gradients_request(
             kind, images, loss, pattern, parameters, layers, input, activations, dtype
         )
-        if shared_memory:
-            if out is not None:
-                raise ValueError("out= is not supported with shared_memory=True")
-            return self._export_gradients(request, timeout, copy, wait_for_ready)
+        if shared_memory and out is not None:
+            raise ValueError("out= is not supported with shared_memory=True")
         if out is not None and not isinstance(out, GradientResult):
             raise TypeError(f"out must be a GradientResult, not {type(out).__name__}")
+
+        def run(part: Any, part_out: GradientResult | None) -> GradientResult:
+            if shared_memory:
+                return self._export_gradients(part, timeout, copy, wait_for_ready)
+            return self._stream_gradients(part, part_out, timeout, wait_for_ready)
+
+        return self._batched_gradients(request, loss, run, out, progress, timeout)
+
+    def _batched_gradients(
+        self,
+        request: Any,
+        loss: Loss,
+        run: Callable[[Any, GradientResult | None], GradientResult],
+        out: GradientResult | None,
+        progress: _batching.Progress | None,
+        timeout: float | None,
+    ) -> GradientResult:
+        """``run(request, out)``, split into sub-batches if it has more inputs than the server takes."""
+        batch = len(request.inputs)
+        limit = self._max_batch if self.split_batches else None
+        if limit is None or batch <= limit:
+            try:
+                result = run(request, out)
+            except InvalidArgument as exc:
+                limit = self._batch_limit_after(exc, batch, timeout)
+                if limit is None:
+                    raise
+            else:
+                if progress is not None:
+                    progress(batch, batch)
+                return result
+        join = _batching.GradientJoin(batch, loss._reduction, out)
+        for start, stop, part in _batching.sub_requests(request, loss, limit):
+            join.add(run(part, None), start, stop)
+            if progress is not None:
+                progress(stop, batch)
+        return join.finish()
+
+    def _batch_limit_after(self, error: InvalidArgument, batch: int, timeout: float | None) -> int | None:
+        """The server's batch limit after it refused a batch as too large; None if splitting cannot help."""
+        if not self.split_batches or error.reason != "BATCH_TOO_LARGE":
+            return None
+        limit = self.model_info(timeout=timeout).max_batch_size
+        logger.debug("%s takes at most %d inputs per call; splitting %d", self.target, limit, batch)
+        return limit if 0 < limit < batch else None
+
+    def _stream_gradients(
+        self,
+        request: pb.StreamGradientsRequest,
+        out: GradientResult | None,
+        timeout: float | None,
+        wait_for_ready: bool | None,
+    ) -> GradientResult:
+        """One StreamGradients call, its chunks written into ``out``'s or new arrays."""
         provided = _out_arrays(out)
         key = _layout_key(request)
         with self._layouts_lock:
@@ -639,6 +735,7 @@ class Client:
         dtype: OutputDType = "float32",
         timeout: float | None = None,
         wait_for_ready: bool | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> GradientResult:
         """Same as :meth:`gradients` through the unary ComputeGradients RPC.
 
@@ -648,14 +745,18 @@ class Client:
         request = _gradients_request(
             pb.ComputeGradientsRequest, images, loss, pattern, parameters, layers, input, activations, dtype
         )
-        response = self._invoke(
-            lambda kwargs: self._stub.ComputeGradients(request, **kwargs), timeout, wait_for_ready
-        )
-        tensors = [
-            AssembledTensor(named.name, named.kind, from_tensor(named.tensor))
-            for named in [*response.gradients, *response.activations]
-        ]
-        return _gradient_result(tensors, response.loss if response.HasField("loss") else None)
+
+        def run(part: pb.ComputeGradientsRequest, _out: GradientResult | None) -> GradientResult:
+            response = self._invoke(
+                lambda kwargs: self._stub.ComputeGradients(part, **kwargs), timeout, wait_for_ready
+            )
+            tensors = [
+                AssembledTensor(named.name, named.kind, from_tensor(named.tensor))
+                for named in [*response.gradients, *response.activations]
+            ]
+            return _gradient_result(tensors, response.loss if response.HasField("loss") else None)
+
+        return self._batched_gradients(request, loss, run, None, progress, timeout)
 
     def input_gradient(
         self,
@@ -666,6 +767,7 @@ class Client:
         timeout: float | None = None,
         out: np.ndarray | None = None,
         wait_for_ready: bool | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> np.ndarray:
         """The gradient of ``loss`` with respect to the prepared input, ``[batch, 3, 224, 224]``.
 
@@ -679,6 +781,7 @@ class Client:
             dtype=dtype,
             timeout=timeout,
             wait_for_ready=wait_for_ready,
+            progress=progress,
             out=None if out is None else GradientResult(input=out),
         )
         if result.input is None:
@@ -695,6 +798,7 @@ class Client:
         timeout: float | None = None,
         out: Mapping[str, np.ndarray] | None = None,
         wait_for_ready: bool | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> dict[str, np.ndarray]:
         """Gradients of ``loss`` with respect to parameters (``loss.backward()``), by name.
 
@@ -713,6 +817,7 @@ class Client:
             dtype=dtype,
             timeout=timeout,
             wait_for_ready=wait_for_ready,
+            progress=progress,
             out=None if out is None else GradientResult(parameters=_out_mapping(out)),
         )
         return result.parameters
@@ -727,6 +832,7 @@ class Client:
         timeout: float | None = None,
         out: Mapping[str, np.ndarray] | None = None,
         wait_for_ready: bool | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> dict[str, np.ndarray]:
         """Gradients of ``loss`` with respect to layer outputs (``chainer.grad``), by layer name.
 
@@ -740,6 +846,7 @@ class Client:
             dtype=dtype,
             timeout=timeout,
             wait_for_ready=wait_for_ready,
+            progress=progress,
             out=None if out is None else GradientResult(layers=_out_mapping(out)),
         )
         return result.layers
