@@ -324,24 +324,24 @@ class Client:
         split_batches: bool = True,
         options: Sequence[tuple[str, Any]] | Mapping[str, Any] | None = None,
     ) -> None:
-        target, replicas = _channel.normalize_target(target)
-        self.target = target
+        settings = _ChannelSettings.of(
+            target,
+            credentials=credentials,
+            root_certificates=root_certificates,
+            private_key=private_key,
+            certificate_chain=certificate_chain,
+            token=token,
+            retry=retry,
+            load_balancing=load_balancing,
+            options=options,
+        )
+        target = self.target = settings.target
         self.timeout = timeout
         self._wait_default = wait_for_ready
         self.split_batches = split_batches
-        self.load_balancing = replicas if load_balancing is None else load_balancing
-        config = _channel.service_config(retry=retry, balanced=self.load_balancing)
-        channel_args: list[tuple[str, Any]] = [("grpc.enable_retries", 1 if retry else 0)]
-        if retry:
-            # gRPC retries only calls whose request fits this buffer (default 256 KiB).
-            channel_args.append(("grpc.per_rpc_retry_buffer_size", RETRY_BUFFER_BYTES))
-        if config is not None:
-            channel_args.append(("grpc.service_config", json.dumps(config)))
-        channel_options = _merge_options([*DEFAULT_CHANNEL_OPTIONS, *channel_args], options)
-        self._channel_options = channel_options
-        credentials = _channel_credentials(
-            target, credentials, root_certificates, private_key, certificate_chain, token
-        )
+        self.load_balancing = settings.load_balancing
+        channel_options = self._channel_options = settings.options
+        credentials = settings.credentials
         if credentials is None:
             self._channel = grpc.insecure_channel(target, options=channel_options)
         else:
@@ -893,6 +893,48 @@ class Client:
             if self._closed:  # grpc raises ValueError for a channel closed mid-call
                 raise ClientClosedError("the client was closed during the call") from exc
             raise
+
+
+@dataclass(frozen=True)
+class _ChannelSettings:
+    """Everything a channel of the sync or the asyncio Client is opened with."""
+
+    target: str
+    load_balancing: bool
+    options: list[tuple[str, Any]]
+    credentials: grpc.ChannelCredentials | None
+
+    @classmethod
+    def of(
+        cls,
+        target: str | Sequence[str],
+        *,
+        credentials: grpc.ChannelCredentials | None,
+        root_certificates: bytes | None,
+        private_key: bytes | None,
+        certificate_chain: bytes | None,
+        token: str | None,
+        retry: bool,
+        load_balancing: bool | None,
+        options: Sequence[tuple[str, Any]] | Mapping[str, Any] | None,
+    ) -> _ChannelSettings:
+        normalized, replicas = _channel.normalize_target(target)
+        balanced = replicas if load_balancing is None else load_balancing
+        config = _channel.service_config(retry=retry, balanced=balanced)
+        channel_args: list[tuple[str, Any]] = [("grpc.enable_retries", 1 if retry else 0)]
+        if retry:
+            # gRPC retries only calls whose request fits this buffer (default 256 KiB).
+            channel_args.append(("grpc.per_rpc_retry_buffer_size", RETRY_BUFFER_BYTES))
+        if config is not None:
+            channel_args.append(("grpc.service_config", json.dumps(config)))
+        return cls(
+            target=normalized,
+            load_balancing=balanced,
+            options=_merge_options([*DEFAULT_CHANNEL_OPTIONS, *channel_args], options),
+            credentials=_channel_credentials(
+                normalized, credentials, root_certificates, private_key, certificate_chain, token
+            ),
+        )
 
 
 def _remaining(deadline: float | None) -> float | None:
