@@ -13,6 +13,7 @@ its server is not SERVING: loading the model, draining or gone).
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import time
 from collections.abc import Sequence
@@ -184,4 +185,31 @@ def wait_serving(channel: grpc.Channel, deadline: float | None) -> None:
             status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
         pause = delay if remaining is None else min(delay, max(deadline - time.monotonic(), 0.0))
         time.sleep(pause)
+        delay = min(delay * 2, 0.5)
+
+
+async def wait_serving_async(channel: grpc.aio.Channel, deadline: float | None) -> None:
+    """:func:`wait_serving` on an asyncio channel."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+    delay = 0.05
+    status = "no answer"
+    while True:
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            raise DeadlineExceeded(
+                f"the server was not ready within the deadline (last health status: {status})"
+            )
+        try:
+            response = await stub.Check(request, timeout=remaining, wait_for_ready=True)
+        except grpc.RpcError as exc:
+            error: LayergradError = from_grpc_error(exc)
+            if not isinstance(error, Unavailable | DeadlineExceeded):
+                raise error from exc
+            status = f"{type(error).__name__}: {error.message}"
+        else:
+            if response.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+            status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        await asyncio.sleep(delay if deadline is None else min(delay, max(deadline - time.monotonic(), 0.0)))
         delay = min(delay * 2, 0.5)
