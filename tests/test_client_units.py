@@ -997,3 +997,14 @@ def test_cli_target_defaults_to_environment(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_cli_without_command_is_a_usage_error(capsys: Any) -> None:
     assert cli.main([]) == 2
+
+
+def test_cli_progress_draws_a_bar_on_stderr(cli_stub: FakeStub, tmp_path: pathlib.Path, capsys: Any) -> None:
+    prob = np.full((1, 1000), 1e-3, np.float32)
+    cli_stub.unary = pb.PredictResponse(
+        activations=[pb.NamedTensor(name="prob", kind=ACTIVATION, tensor=to_tensor(prob))]
+    )
+    image = tmp_path / "a.png"
+    image.write_bytes(PNG_1x1)
+    assert cli.main(["--progress", "predict", str(image), "--top", "1"]) == 0
+    assert capsys.readouterr().err.endswith("] 1/1 inputs\n")

@@ -8,9 +8,13 @@
                    [--layers a,b|all] [--params a,b|all] [--activations a,b] [--float16]
 
 The server address comes from ``--target``, else ``$LAYERGRAD_TARGET``, else
-127.0.0.1:50051. A bearer token is read from ``$LAYERGRAD_TOKEN`` (never from the
-command line, where other users could see it); ``--tls-ca`` (and ``--tls-cert``,
-``--tls-key`` for mutual TLS) connect over TLS. Exit status: 0 on success, 1 when the server returns an error,
+127.0.0.1:50051; a host without a port means port 50051. ``--target`` also takes
+replicas (``ipv4:10.0.0.5:50051,10.0.0.6:50051`` or ``dns:///name:50051``), balanced
+over those that are serving. ``--wait`` waits (within ``--timeout``) for a server that
+is still starting or loading its model instead of failing. A bearer token is
+read from ``$LAYERGRAD_TOKEN`` (never from the command line, where other users
+could see it); ``--tls-ca`` (and ``--tls-cert``, ``--tls-key`` for mutual TLS)
+connect over TLS. Exit status: 0 on success, 1 when the server returns an error,
 2 for bad usage (including unreadable images or a malformed loss).
 """
 
@@ -52,7 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, or argparse's own usage error
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
-        with Client(args.target, timeout=args.timeout or None, **_security(args)) as client:
+        with Client(
+            args.target, timeout=args.timeout or None, wait_for_ready=args.wait, **_security(args)
+        ) as client:
             return args.handler(client, args, sys.stdout)
     except LayergradError as exc:
         _print_server_error(exc)
@@ -94,7 +100,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--target",
         default=os.environ.get("LAYERGRAD_TARGET") or DEFAULT_TARGET,
-        help="server address host:port (default: $LAYERGRAD_TARGET or %(default)s)",
+        help="server address host[:port] (port 50051 if none), ipv4:A:P,B:P or dns:///NAME:PORT for "
+        "replicas (default: $LAYERGRAD_TARGET or %(default)s)",
+    )
+    parser.add_argument(
+        "--progress",
+        action="store_true",
+        help="show progress on stderr while a batch larger than the server takes is sent in parts",
+    )
+    parser.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait for a server still starting or loading its model (within --timeout) instead of failing",
     )
     parser.add_argument(
         "--timeout", type=float, default=60.0, help="deadline per call in seconds, 0 for none (default: 60)"
@@ -247,7 +264,7 @@ def _input_line(spec: InputSpec) -> str:
 def _run_predict(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     if args.top < 1:
         raise UsageError("--top must be at least 1")
-    outputs = client.predict(args.images, args.layers)
+    outputs = client.predict(args.images, args.layers, progress=_progress_bar(args))
     if "prob" in outputs:
         _print_top(args.images, outputs["prob"], args.top, out)
     _print_summary(outputs, out)
@@ -277,12 +294,28 @@ def _run_grad(client: Client, args: argparse.Namespace, out: TextIO) -> int:
         input=want_input,
         activations=args.activations,
         dtype="float16" if args.float16 else "float32",
+        progress=_progress_bar(args),
     )
     _save_result(result, args.out)
     _print_summary(result.as_dict(), out)
     out.write(f"loss {result.loss:.6g}\n" if result.loss is not None else "loss -\n")
     out.write(f"saved {len(result.as_dict())} arrays to {args.out}\n")
     return 0
+
+
+def _progress_bar(args: argparse.Namespace) -> Callable[[int, int], None] | None:
+    """With ``--progress``: a one-line bar on stderr, redrawn after each part of the batch."""
+    if not args.progress:
+        return None
+
+    def draw(done: int, total: int, width: int = 30) -> None:
+        filled = width * done // total
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} inputs")
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return draw
 
 
 def _save_result(result: GradientResult, path: str) -> None:

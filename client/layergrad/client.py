@@ -53,16 +53,18 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Literal, Self, TypeAlias
+from typing import Any, Literal, Self, TypeAlias, TypeVar
 
 import grpc
 import numpy as np
 import numpy.typing as npt
 
+from layergrad import _batching, _channel
+from layergrad._channel import DEFAULT_PORT, SERVICE_NAME
 from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
 from layergrad._gen.layergrad.v1 import gradient_service_pb2_grpc as pb_grpc
 from layergrad._inputs import Images, to_inputs
@@ -76,10 +78,18 @@ from layergrad._tensors import (
     parse_stream_chunk,
     touch_pages,
 )
-from layergrad.errors import ClientClosedError, DataLoss, InvalidArgument, NotFound, from_grpc_error
+from layergrad.errors import (
+    ClientClosedError,
+    DataLoss,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+    from_grpc_error,
+)
 from layergrad.losses import Loss
 
 __all__ = [
+    "DEFAULT_PORT",
     "Client",
     "GradientResult",
     "InputSpec",
@@ -118,24 +128,11 @@ _LAYOUTS_KEPT = 16
 _PREPARE_MIN_BYTES = 1 << 20
 # ExportGradients calls made again after replacing a region too small or gone.
 _REGION_RETRIES = 2
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GradientService"].full_name
-RETRY_SERVICE_CONFIG = {
-    "methodConfig": [
-        {
-            "name": [{"service": SERVICE_NAME}],
-            "retryPolicy": {
-                "maxAttempts": 4,
-                "initialBackoff": "0.25s",
-                "maxBackoff": "5s",
-                "backoffMultiplier": 2,
-                "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
-            },
-        }
-    ],
-    # Retrying stops while more than half of the recent calls failed (token bucket).
-    "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.5},
-}
+RETRY_SERVICE_CONFIG = _channel.service_config(retry=True, balanced=False)
+# Refusals that per-call waiting (``wait_for_ready``) waits out: the server is up but not ready.
+_WAIT_REASONS = frozenset({"MODEL_LOADING"})
 
+_T = TypeVar("_T")
 Names: TypeAlias = str | Sequence[str]
 """Layer or parameter names: one name, a list of names, or "all" where allowed."""
 OutputDType: TypeAlias = Literal["float32", "float16"] | npt.DTypeLike
@@ -275,7 +272,11 @@ class Client:
     """A connection to a layergrad server.
 
     Args:
-        target: the server address, for example ``"127.0.0.1:50051"``.
+        target: the server address, for example ``"127.0.0.1:50051"``; a host without a
+            port means port 50051 (:data:`DEFAULT_PORT`). Replicas: a list of IP addresses
+            (``["10.0.0.5:50051", "10.0.0.6:50051"]``), gRPC's ``"ipv4:a:p,b:p"`` form, or a
+            DNS name (``"dns:///layergrad-headless.ns.svc:50051"``, a headless Service);
+            calls are then spread over the replicas that are SERVING (see ``load_balancing``).
         timeout: deadline of each call in seconds, unless a call passes its own;
             None means no deadline.
         credentials: channel credentials for TLS (``grpc.ssl_channel_credentials(...)``);
@@ -287,6 +288,19 @@ class Client:
         token: a bearer token, sent as ``authorization: Bearer <token>`` metadata on
             every call. Needs TLS, or a loopback target (127.0.0.0/8, ::1, localhost).
         retry: whether gRPC retries UNAVAILABLE and overload refusals (see the module).
+        wait_for_ready: the default of every call's ``wait_for_ready``: whether a call
+            waits, within its deadline, for a server that is not listening yet or is
+            still loading its model, instead of failing with Unavailable.
+        load_balancing: whether to balance calls over the target's addresses with gRPC's
+            ``round_robin`` policy and client-side health checking (each connection
+            watches the server's ``grpc.health.v1`` status and leaves the rotation while
+            it is not SERVING: loading, draining or gone); a refused or broken call is
+            retried on another replica by the retry policy. None (the default) turns it
+            on for lists of addresses and ``dns:`` names and off for one address.
+        split_batches: whether calls with more inputs than the server accepts
+            (``ModelInfo.max_batch_size``) are split into several calls whose results
+            are joined (see :meth:`gradients`); if False they are refused with
+            InvalidArgument (reason ``BATCH_TOO_LARGE``).
         options: extra gRPC channel options, ``(name, value)`` pairs or a mapping;
             they override :data:`DEFAULT_CHANNEL_OPTIONS` of the same name.
 
@@ -296,7 +310,7 @@ class Client:
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         timeout: float | None = 60.0,
         credentials: grpc.ChannelCredentials | None = None,
@@ -305,24 +319,29 @@ class Client:
         certificate_chain: bytes | None = None,
         token: str | None = None,
         retry: bool = True,
+        wait_for_ready: bool = False,
+        load_balancing: bool | None = None,
+        split_batches: bool = True,
         options: Sequence[tuple[str, Any]] | Mapping[str, Any] | None = None,
     ) -> None:
-        self.target = target
+        settings = _ChannelSettings.of(
+            target,
+            credentials=credentials,
+            root_certificates=root_certificates,
+            private_key=private_key,
+            certificate_chain=certificate_chain,
+            token=token,
+            retry=retry,
+            load_balancing=load_balancing,
+            options=options,
+        )
+        target = self.target = settings.target
         self.timeout = timeout
-        retry_options = (
-            [
-                ("grpc.enable_retries", 1),
-                ("grpc.service_config", json.dumps(RETRY_SERVICE_CONFIG)),
-                # gRPC retries only calls whose request fits this buffer (default 256 KiB).
-                ("grpc.per_rpc_retry_buffer_size", RETRY_BUFFER_BYTES),
-            ]
-            if retry
-            else [("grpc.enable_retries", 0)]
-        )
-        channel_options = _merge_options([*DEFAULT_CHANNEL_OPTIONS, *retry_options], options)
-        credentials = _channel_credentials(
-            target, credentials, root_certificates, private_key, certificate_chain, token
-        )
+        self._wait_default = wait_for_ready
+        self.split_batches = split_batches
+        self.load_balancing = settings.load_balancing
+        channel_options = self._channel_options = settings.options
+        credentials = settings.credentials
         if credentials is None:
             self._channel = grpc.insecure_channel(target, options=channel_options)
         else:
@@ -344,6 +363,8 @@ class Client:
             _registered_method=True,
         )
         self._model_info: tuple[bytes, ModelInfo] | None = None
+        # The most inputs per call, once learned from the server (see ``split_batches``).
+        self._max_batch: int | None = None
         self._layouts: OrderedDict[tuple[Any, ...], tuple[_TensorLayout, ...]] = OrderedDict()
         self._layouts_lock = threading.Lock()
         self._closed = False
@@ -393,14 +414,33 @@ class Client:
         """
         self._regions.clear()
 
-    def model_info(self, *, timeout: float | None = None) -> ModelInfo:
+    def wait_for_ready(self, timeout: float | None = None) -> None:
+        """Blocks until the server is ready to compute: listening, with its model loaded.
+
+        With replicas, until one of them is. ``timeout``: seconds to wait at most (None
+        uses the client's timeout); DeadlineExceeded when it passes first. Polls the
+        server's ``grpc.health.v1`` status of the GradientService.
+        """
+        self._check_open()
+        total = self._timeout(timeout)
+        deadline = None if total is None else time.monotonic() + total
+        try:
+            _channel.wait_serving(self._channel, deadline)
+        except ValueError as exc:
+            if self._closed:
+                raise ClientClosedError("the client was closed while waiting") from exc
+            raise
+
+    def model_info(self, *, timeout: float | None = None, wait_for_ready: bool | None = None) -> ModelInfo:
         """Describes the served model: input format, layers, parameters, weights, limits."""
-        with self._rpc():
-            raw = self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self._timeout(timeout))
+        request = pb.GetModelInfoRequest()
+        raw = self._invoke(lambda kwargs: self._stub.GetModelInfo(request, **kwargs), timeout, wait_for_ready)
         known = self._model_info
         if known is None or known[0] != raw:
             known = (raw, _model_info(pb.GetModelInfoResponse.FromString(raw)))
             self._model_info = known
+            if known[1].max_batch_size > 0:
+                self._max_batch = known[1].max_batch_size
         # Everything in a ModelInfo is immutable but ``versions``: each caller gets its own.
         return dataclasses.replace(known[1], versions=dict(known[1].versions))
 
@@ -411,22 +451,59 @@ class Client:
         *,
         dtype: OutputDType = "float32",
         timeout: float | None = None,
+        wait_for_ready: bool | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> dict[str, np.ndarray]:
-        """Runs the forward pass and returns the outputs of ``layers``, each ``[batch] + layer shape``."""
+        """Runs the forward pass and returns the outputs of ``layers``, each ``[batch] + layer shape``.
+
+        ``wait_for_ready``: wait for a server not ready yet; a batch larger than the
+        server takes is split into several calls, their outputs concatenated, with
+        ``progress`` called after each (see :meth:`gradients`).
+        """
         request = pb.PredictRequest(
             inputs=to_inputs(images), layers=_names(layers, "layers"), output_dtype=_output_dtype(dtype)
         )
-        with self._rpc():
-            response = self._stub.Predict(request, timeout=self._timeout(timeout))
-        return {named.name: from_tensor(named.tensor) for named in response.activations}
+
+        def run(part: pb.PredictRequest) -> dict[str, np.ndarray]:
+            response = self._invoke(
+                lambda kwargs: self._stub.Predict(part, **kwargs), timeout, wait_for_ready
+            )
+            return {named.name: from_tensor(named.tensor) for named in response.activations}
+
+        batch = len(request.inputs)
+        limit = self._max_batch if self.split_batches else None
+        if limit is None or batch <= limit:
+            try:
+                outputs = run(request)
+            except InvalidArgument as exc:
+                limit = self._batch_limit_after(exc, batch, timeout)
+                if limit is None:
+                    raise
+            else:
+                if progress is not None:
+                    progress(batch, batch)
+                return outputs
+        parts = []
+        for start, stop in _batching.bounds(batch, limit):
+            part = pb.PredictRequest(layers=request.layers, output_dtype=request.output_dtype)
+            part.inputs.extend(request.inputs[start:stop])
+            parts.append(run(part))
+            if progress is not None:
+                progress(stop, batch)
+        return _batching.join_predictions(parts)
 
     def top_classes(
-        self, images: Images, k: int = 5, *, timeout: float | None = None
+        self,
+        images: Images,
+        k: int = 5,
+        *,
+        timeout: float | None = None,
+        wait_for_ready: bool | None = None,
     ) -> list[list[tuple[int, float]]]:
         """The ``k`` most probable ImageNet class indices per image, with their ``prob``, best first."""
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
-        prob = self.predict(images, ("prob",), timeout=timeout)["prob"]
+        prob = self.predict(images, ("prob",), timeout=timeout, wait_for_ready=wait_for_ready)["prob"]
         best = np.argsort(-prob, axis=1, kind="stable")[:, :k]
         return [[(int(c), float(row[c])) for c in order] for row, order in zip(prob, best, strict=True)]
 
@@ -445,6 +522,8 @@ class Client:
         shared_memory: bool = False,
         copy: bool = True,
         out: GradientResult | None = None,
+        wait_for_ready: bool | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> GradientResult:
         """Computes the requested gradients of ``loss``, streamed so any size works.
 
@@ -482,6 +561,25 @@ class Client:
                 does not have the tensor's shape and dtype or is read-only or not
                 C-contiguous; after any error, arrays of ``out`` may hold part of the new
                 result. Not with ``shared_memory``.
+            wait_for_ready: whether the call waits, within its deadline, for a server
+                that is not reachable yet (gRPC's ``wait_for_ready``) or answers
+                Unavailable because its model is still loading; None uses the Client's
+                ``wait_for_ready``. Without waiting such a call fails with Unavailable
+                after gRPC's few retries.
+            progress: called as ``progress(inputs_done, inputs_total)`` after each call
+                to the server (once, or once per sub-batch; see below).
+
+        Batches larger than the server takes (``ModelInfo.max_batch_size``) are split
+        into consecutive sub-batches, one call each (``timeout`` applies to each), and
+        joined as one call with every input would return them: parameter gradients
+        and loss values summed, per-input gradients and activations concatenated,
+        SoftmaxCrossEntropy (a batch mean) weighted by each sub-batch's share of the
+        inputs. They agree with one big call to float32 rounding: within
+        ``rtol=1e-4`` of each tensor's largest magnitude (the sums over the batch are
+        added in another order). The loss's per-input data (classes, labels, targets,
+        upstream gradients) must then hold one entry per input (ValueError otherwise).
+        The Client learns the limit from :meth:`model_info` (or the server's first
+        ``BATCH_TOO_LARGE`` refusal); ``split_batches=False`` turns splitting off.
 
         A Client remembers the layout (names, shapes, dtypes) of recent results; when a
         call asks for the same targets as an earlier one, the arrays of its large tensors
@@ -497,18 +595,71 @@ class Client:
         request = _gradients_request(
             kind, images, loss, pattern, parameters, layers, input, activations, dtype
         )
-        if shared_memory:
-            if out is not None:
-                raise ValueError("out= is not supported with shared_memory=True")
-            return self._export_gradients(request, timeout, copy)
+        if shared_memory and out is not None:
+            raise ValueError("out= is not supported with shared_memory=True")
         if out is not None and not isinstance(out, GradientResult):
             raise TypeError(f"out must be a GradientResult, not {type(out).__name__}")
+
+        def run(part: Any, part_out: GradientResult | None) -> GradientResult:
+            if shared_memory:
+                return self._export_gradients(part, timeout, copy, wait_for_ready)
+            return self._stream_gradients(part, part_out, timeout, wait_for_ready)
+
+        return self._batched_gradients(request, loss, run, out, progress, timeout)
+
+    def _batched_gradients(
+        self,
+        request: Any,
+        loss: Loss,
+        run: Callable[[Any, GradientResult | None], GradientResult],
+        out: GradientResult | None,
+        progress: _batching.Progress | None,
+        timeout: float | None,
+    ) -> GradientResult:
+        """``run(request, out)``, split into sub-batches if it has more inputs than the server takes."""
+        batch = len(request.inputs)
+        limit = self._max_batch if self.split_batches else None
+        if limit is None or batch <= limit:
+            try:
+                result = run(request, out)
+            except InvalidArgument as exc:
+                limit = self._batch_limit_after(exc, batch, timeout)
+                if limit is None:
+                    raise
+            else:
+                if progress is not None:
+                    progress(batch, batch)
+                return result
+        join = _batching.GradientJoin(batch, loss._reduction, out)
+        for start, stop, part in _batching.sub_requests(request, loss, limit):
+            join.add(run(part, None), start, stop)
+            if progress is not None:
+                progress(stop, batch)
+        return join.finish()
+
+    def _batch_limit_after(self, error: InvalidArgument, batch: int, timeout: float | None) -> int | None:
+        """The server's batch limit after it refused a batch as too large; None if splitting cannot help."""
+        if not self.split_batches or error.reason != "BATCH_TOO_LARGE":
+            return None
+        limit = self.model_info(timeout=timeout).max_batch_size
+        logger.debug("%s takes at most %d inputs per call; splitting %d", self.target, limit, batch)
+        return limit if 0 < limit < batch else None
+
+    def _stream_gradients(
+        self,
+        request: pb.StreamGradientsRequest,
+        out: GradientResult | None,
+        timeout: float | None,
+        wait_for_ready: bool | None,
+    ) -> GradientResult:
+        """One StreamGradients call, its chunks written into ``out``'s or new arrays."""
         provided = _out_arrays(out)
         key = _layout_key(request)
         with self._layouts_lock:
             layout = self._layouts.get(key)
-        with self._rpc():
-            stream = self._stub.StreamGradients(request, timeout=self._timeout(timeout))
+
+        def stream_into_arrays(kwargs: dict[str, Any]) -> _ChunkAssembler:
+            stream = self._stub.StreamGradients(request, **kwargs)
             try:
                 prepared = _prepare_arrays(layout, provided) if layout else None
                 assembler = _ChunkAssembler(provided, prepared)
@@ -516,6 +667,9 @@ class Client:
                     assembler.add(chunk)
             finally:
                 stream.cancel()  # no-op once the stream has ended; frees it on a local error
+            return assembler
+
+        assembler = self._invoke(stream_into_arrays, timeout, wait_for_ready)
         tensors = assembler.finish()
         self._remember_layout(key, tensors)
         return _gradient_result(tensors, assembler.loss)
@@ -530,7 +684,7 @@ class Client:
                 self._layouts.popitem(last=False)
 
     def _export_gradients(
-        self, request: pb.ExportGradientsRequest, timeout: float | None, copy: bool
+        self, request: pb.ExportGradientsRequest, timeout: float | None, copy: bool, wait: bool | None
     ) -> GradientResult:
         """``gradients(shared_memory=True)``: ExportGradients into a region of this Client's pool.
 
@@ -546,10 +700,11 @@ class Client:
             retries = 0
             while True:
                 request.region.CopyFrom(region.to_proto())
-                remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                remaining = _remaining(deadline)
                 try:
-                    with self._rpc():
-                        response = self._stub.ExportGradients(request, timeout=remaining)
+                    response = self._invoke(
+                        lambda kwargs: self._stub.ExportGradients(request, **kwargs), remaining, wait
+                    )
                     break
                 except (InvalidArgument, NotFound) as exc:
                     size = _region_size_needed(exc, region.size)
@@ -579,6 +734,8 @@ class Client:
         activations: Names = (),
         dtype: OutputDType = "float32",
         timeout: float | None = None,
+        wait_for_ready: bool | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> GradientResult:
         """Same as :meth:`gradients` through the unary ComputeGradients RPC.
 
@@ -588,13 +745,18 @@ class Client:
         request = _gradients_request(
             pb.ComputeGradientsRequest, images, loss, pattern, parameters, layers, input, activations, dtype
         )
-        with self._rpc():
-            response = self._stub.ComputeGradients(request, timeout=self._timeout(timeout))
-        tensors = [
-            AssembledTensor(named.name, named.kind, from_tensor(named.tensor))
-            for named in [*response.gradients, *response.activations]
-        ]
-        return _gradient_result(tensors, response.loss if response.HasField("loss") else None)
+
+        def run(part: pb.ComputeGradientsRequest, _out: GradientResult | None) -> GradientResult:
+            response = self._invoke(
+                lambda kwargs: self._stub.ComputeGradients(part, **kwargs), timeout, wait_for_ready
+            )
+            tensors = [
+                AssembledTensor(named.name, named.kind, from_tensor(named.tensor))
+                for named in [*response.gradients, *response.activations]
+            ]
+            return _gradient_result(tensors, response.loss if response.HasField("loss") else None)
+
+        return self._batched_gradients(request, loss, run, None, progress, timeout)
 
     def input_gradient(
         self,
@@ -604,6 +766,8 @@ class Client:
         dtype: OutputDType = "float32",
         timeout: float | None = None,
         out: np.ndarray | None = None,
+        wait_for_ready: bool | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> np.ndarray:
         """The gradient of ``loss`` with respect to the prepared input, ``[batch, 3, 224, 224]``.
 
@@ -616,6 +780,8 @@ class Client:
             input=True,
             dtype=dtype,
             timeout=timeout,
+            wait_for_ready=wait_for_ready,
+            progress=progress,
             out=None if out is None else GradientResult(input=out),
         )
         if result.input is None:
@@ -631,6 +797,8 @@ class Client:
         dtype: OutputDType = "float32",
         timeout: float | None = None,
         out: Mapping[str, np.ndarray] | None = None,
+        wait_for_ready: bool | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> dict[str, np.ndarray]:
         """Gradients of ``loss`` with respect to parameters (``loss.backward()``), by name.
 
@@ -648,6 +816,8 @@ class Client:
             parameters=parameters,
             dtype=dtype,
             timeout=timeout,
+            wait_for_ready=wait_for_ready,
+            progress=progress,
             out=None if out is None else GradientResult(parameters=_out_mapping(out)),
         )
         return result.parameters
@@ -661,6 +831,8 @@ class Client:
         dtype: OutputDType = "float32",
         timeout: float | None = None,
         out: Mapping[str, np.ndarray] | None = None,
+        wait_for_ready: bool | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> dict[str, np.ndarray]:
         """Gradients of ``loss`` with respect to layer outputs (``chainer.grad``), by layer name.
 
@@ -673,6 +845,8 @@ class Client:
             layers=layers,
             dtype=dtype,
             timeout=timeout,
+            wait_for_ready=wait_for_ready,
+            progress=progress,
             out=None if out is None else GradientResult(layers=_out_mapping(out)),
         )
         return result.layers
@@ -683,6 +857,29 @@ class Client:
 
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
+
+    def _invoke(self, call: Callable[[dict[str, Any]], _T], timeout: float | None, wait: bool | None) -> _T:
+        """``call(kwargs)``, a stub call given ``kwargs`` (its timeout and wait_for_ready), as one call.
+
+        Errors become typed ones. When waiting, a refusal because the server is not
+        ready yet is followed by waiting for its health to be SERVING and calling
+        again, all within the one deadline.
+        """
+        wait = self._wait_default if wait is None else wait
+        total = self._timeout(timeout)
+        if not wait:
+            with self._rpc():
+                return call({"timeout": total})
+        deadline = None if total is None else time.monotonic() + total
+        while True:
+            try:
+                with self._rpc():
+                    return call({"timeout": _remaining(deadline), "wait_for_ready": True})
+            except Unavailable as exc:
+                if exc.reason not in _WAIT_REASONS:
+                    raise
+                logger.debug("%s is not ready (%s); waiting", self.target, exc.reason)
+            _channel.wait_serving(self._channel, deadline)
 
     @contextmanager
     def _rpc(self) -> Iterator[None]:
@@ -696,6 +893,52 @@ class Client:
             if self._closed:  # grpc raises ValueError for a channel closed mid-call
                 raise ClientClosedError("the client was closed during the call") from exc
             raise
+
+
+@dataclass(frozen=True)
+class _ChannelSettings:
+    """Everything a channel of the sync or the asyncio Client is opened with."""
+
+    target: str
+    load_balancing: bool
+    options: list[tuple[str, Any]]
+    credentials: grpc.ChannelCredentials | None
+
+    @classmethod
+    def of(
+        cls,
+        target: str | Sequence[str],
+        *,
+        credentials: grpc.ChannelCredentials | None,
+        root_certificates: bytes | None,
+        private_key: bytes | None,
+        certificate_chain: bytes | None,
+        token: str | None,
+        retry: bool,
+        load_balancing: bool | None,
+        options: Sequence[tuple[str, Any]] | Mapping[str, Any] | None,
+    ) -> _ChannelSettings:
+        normalized, replicas = _channel.normalize_target(target)
+        balanced = replicas if load_balancing is None else load_balancing
+        config = _channel.service_config(retry=retry, balanced=balanced)
+        channel_args: list[tuple[str, Any]] = [("grpc.enable_retries", 1 if retry else 0)]
+        if retry:
+            # gRPC retries only calls whose request fits this buffer (default 256 KiB).
+            channel_args.append(("grpc.per_rpc_retry_buffer_size", RETRY_BUFFER_BYTES))
+        if config is not None:
+            channel_args.append(("grpc.service_config", json.dumps(config)))
+        return cls(
+            target=normalized,
+            load_balancing=balanced,
+            options=_merge_options([*DEFAULT_CHANNEL_OPTIONS, *channel_args], options),
+            credentials=_channel_credentials(
+                normalized, credentials, root_certificates, private_key, certificate_chain, token
+            ),
+        )
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(deadline - time.monotonic(), 0.0)
 
 
 def _channel_credentials(
@@ -729,12 +972,13 @@ def _channel_credentials(
 
 
 def _is_loopback(target: str) -> bool:
-    """Whether ``target`` (``host:port``, ``[v6]:port``, ``dns:///host:port``) names this machine."""
-    host = target.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:")
-    if host.startswith("["):
-        host = host[1 : host.find("]")]
-    elif host.count(":") == 1:
-        host = host.rsplit(":", 1)[0]
+    """Whether every address of ``target`` (normalized: ``host:port``, ``[v6]:port``, ``dns:///host:port``,
+    ``ipv4:a:p,b:p``) names this machine."""
+    return all(_is_loopback_address(address) for address in _channel.addresses(target))
+
+
+def _is_loopback_address(address: str) -> bool:
+    host = address.rsplit(":", 1)[0] if not address.startswith("[") else address[1 : address.find("]")]
     if host == "localhost":
         return True
     try:

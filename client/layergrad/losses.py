@@ -11,13 +11,17 @@ Build one and pass it to :meth:`layergrad.Client.gradients`::
 
 Class and label lists hold one entry per input image. A layer's output is taken
 after its activation function (ReLU for conv and fc6/fc7, softmax for prob).
+
+Every loss but SoftmaxCrossEntropy is a sum over the batch (UpstreamGradient has no
+value, its gradients add up over the batch too); SoftmaxCrossEntropy is a mean. A
+batch split into several calls is joined accordingly (see ``Client.gradients``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TypeAlias
+from dataclasses import dataclass, replace
+from typing import ClassVar, Literal, Self, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -30,11 +34,36 @@ __all__ = ["ClassScore", "Loss", "SoftmaxCrossEntropy", "SquaredError", "SumOfSq
 Classes: TypeAlias = int | Sequence[int] | npt.NDArray[np.integer]
 
 
+Reduction: TypeAlias = Literal["sum", "mean"]
+
+
 class Loss:
     """Base of the loss classes; see the module docstring for the available ones."""
 
+    _reduction: ClassVar[Reduction] = "sum"
+    """How the loss reduces over the batch: its value and gradients are a sum or a mean of per-input terms."""
+
     def _to_proto(self) -> pb.Loss:
         raise NotImplementedError
+
+    def _items(self) -> Sequence[object] | np.ndarray | None:
+        """The per-input data (one entry per input), or None when the loss has none."""
+        return None
+
+    def _with_items(self, items: Sequence[object] | np.ndarray) -> Self:
+        raise NotImplementedError
+
+    def _slice(self, start: int, stop: int, batch: int) -> Self:
+        """The same loss for inputs ``start:stop`` of ``batch``; ValueError if its data is not per input."""
+        items = self._items()
+        if items is None:
+            return self
+        if len(items) != batch:
+            raise ValueError(
+                f"{type(self).__name__} holds {len(items)} entries for a batch of {batch} inputs: "
+                "give one per input to split the batch"
+            )
+        return self._with_items(items[start:stop])
 
 
 @dataclass(frozen=True)
@@ -79,18 +108,33 @@ class SquaredError(Loss):
             message = pb.SquaredError(layer=self.layer, target_classes=self.target_classes)
         return pb.Loss(squared_error=message)
 
+    def _items(self) -> Sequence[object] | np.ndarray | None:
+        return self.target if self.target is not None else self.target_classes
+
+    def _with_items(self, items: Sequence[object] | np.ndarray) -> Self:
+        if self.target is not None:
+            return replace(self, target=items)
+        return replace(self, target_classes=items)
+
 
 @dataclass(frozen=True)
 class SoftmaxCrossEntropy(Loss):
     """Softmax cross-entropy of fc8 against one label (0..999) per input, averaged over the batch."""
 
     labels: tuple[int, ...]
+    _reduction: ClassVar[Reduction] = "mean"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", _class_tuple(self.labels, "labels"))
 
     def _to_proto(self) -> pb.Loss:
         return pb.Loss(softmax_cross_entropy=pb.SoftmaxCrossEntropy(labels=self.labels))
+
+    def _items(self) -> Sequence[object] | np.ndarray | None:
+        return self.labels
+
+    def _with_items(self, items: Sequence[object] | np.ndarray) -> Self:
+        return replace(self, labels=items)
 
 
 @dataclass(frozen=True)
@@ -106,6 +150,12 @@ class ClassScore(Loss):
 
     def _to_proto(self) -> pb.Loss:
         return pb.Loss(class_score=pb.ClassScore(layer=self.layer, classes=self.classes))
+
+    def _items(self) -> Sequence[object] | np.ndarray | None:
+        return self.classes
+
+    def _with_items(self, items: Sequence[object] | np.ndarray) -> Self:
+        return replace(self, classes=items)
 
 
 @dataclass(frozen=True, eq=False)
@@ -126,6 +176,12 @@ class UpstreamGradient(Loss):
         return pb.Loss(
             upstream_gradient=pb.UpstreamGradient(layer=self.layer, gradient=to_tensor(self.gradient))
         )
+
+    def _items(self) -> Sequence[object] | np.ndarray | None:
+        return self.gradient
+
+    def _with_items(self, items: Sequence[object] | np.ndarray) -> Self:
+        return replace(self, gradient=items)
 
 
 def _check_layer(layer: object) -> None:

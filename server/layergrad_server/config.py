@@ -25,6 +25,8 @@ LEAST_LOADED = "least-loaded"
 CONNECTION = "connection"
 WORKER_DISPATCH = (LEAST_LOADED, CONNECTION)
 CPU_KERNELS = ("fast", "stock")
+# The port of an --address that names none (gRPC itself would take 443).
+DEFAULT_PORT = 50051
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--address",
         default=_env("ADDRESS", defaults.address),
-        help="host:port to listen on (port 0: any free port)",
+        help=f"host:port to listen on (port 0: any free port; a host alone: port {DEFAULT_PORT})",
     )
     parser.add_argument(
         "--weights",
@@ -264,6 +266,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def listen_address(address: str) -> str:
+    """``address`` with :data:`DEFAULT_PORT` if it names only a host; SystemExit if malformed."""
+    if address.startswith(("unix:", "unix-abstract:", "vsock:")):
+        return address
+    if address.startswith("["):
+        host, _, rest = address.partition("]")
+        host += "]"
+    elif address.count(":") > 1:  # a bare IPv6 address has no port
+        host, rest = f"[{address}]", ""
+    else:
+        host, colon, port = address.partition(":")
+        rest = colon + port
+    if not address:
+        raise SystemExit("layergrad-server: --address is empty; write HOST:PORT")
+    if not rest:
+        return f"{host}:{DEFAULT_PORT}"
+    port = rest.removeprefix(":")
+    if not rest.startswith(":") or not port.isdigit() or int(port) > 65535:
+        raise SystemExit(f"layergrad-server: --address {address!r}: expected HOST:PORT with a port 0-65535")
+    return f"{host}:{port}"
+
+
 def from_args(args: argparse.Namespace) -> ServerConfig:
     """A config from parsed flags, checked for sane values."""
     for name in (
@@ -299,7 +323,7 @@ def from_args(args: argparse.Namespace) -> ServerConfig:
     if args.tls_client_ca and not args.tls_cert:
         raise SystemExit("layergrad-server: --tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
     return ServerConfig(
-        address=args.address,
+        address=listen_address(args.address),
         weights=args.weights,
         device=args.device,
         cpu_kernels=args.cpu_kernels,
