@@ -71,4 +71,4 @@ def test_float16_scale_ignores_nan_and_inf_which_pass_through():
     assert exponent == 15 - 20  # 2**19 <= 1e6 < 2**20
     back = precision.from_float16(precision.to_float16(values, exponent), exponent)
     assert np.isnan(back[0]) and back[1] == np.inf and back[2] == -np.inf
-    assert back[3] == np.float16(1e6 / 32) * 32 and back[4] == 1.0
+    assert back[3] == float(np.float16(1e6 / 32)) * 32 and back[4] == 1.0
