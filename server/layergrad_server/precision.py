@@ -1,0 +1,61 @@
+"""Reduced-precision output types: bfloat16 and power-of-two scaled float16.
+
+numpy has no bfloat16; its elements are carried as ``uint16`` holding the upper 16
+bits of the float32 pattern, rounded to nearest, ties to even, NaN kept NaN.
+
+float16 output is scaled per tensor by a power of two ``2**e`` so that no finite
+value overflows to infinity and small values are not flushed: ``e`` is 0 when every
+finite non-zero magnitude already lies in float16's normal range [2**-14, 65504],
+else ``15 - k`` where ``2**(k-1) <= max|x| < 2**k``, which puts the largest magnitude
+in [2**14, 2**15). The receiver multiplies by ``2**-e``; being a power of two, the
+scale adds no rounding of its own. Infinities and NaN pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FLOAT16_MAX = 65504.0
+FLOAT16_MIN_NORMAL = 2.0**-14
+
+
+def bfloat16_bits(array: np.ndarray) -> np.ndarray:
+    """float32 values as bfloat16 bit patterns (``uint16``), round to nearest even."""
+    bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
+    rounded = bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
+    out = (rounded >> np.uint32(16)).astype(np.uint16)
+    nan = np.isnan(array)
+    if nan.any():  # rounding could carry a NaN's payload into infinity: keep it a quiet NaN
+        out[nan] = (bits[nan] >> np.uint32(16)).astype(np.uint16) | np.uint16(0x0040)
+    return out
+
+
+def bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (``uint16``) as float32 values (exact)."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def float16_scale_exponent(array: np.ndarray) -> int:
+    """The exponent ``e`` with which ``array * 2**e`` fits float16 (see the module docstring)."""
+    if array.size == 0:
+        return 0
+    magnitude = np.abs(np.asarray(array, dtype=np.float32))
+    largest = float(np.fmax.reduce(magnitude, axis=None))
+    if not np.isfinite(largest):  # infinities (or all NaN): scale by the finite values only
+        finite = magnitude[np.isfinite(magnitude)]
+        largest = float(finite.max()) if finite.size else 0.0
+    if largest == 0.0:
+        return 0
+    if largest <= FLOAT16_MAX and not np.any((magnitude > 0) & (magnitude < FLOAT16_MIN_NORMAL)):
+        return 0
+    return 15 - int(np.frexp(np.float32(largest))[1])
+
+
+def to_float16(array: np.ndarray, exponent: int) -> np.ndarray:
+    """``array * 2**exponent`` rounded to float16."""
+    return np.ldexp(np.asarray(array, dtype=np.float32), np.int32(exponent)).astype(np.float16)
+
+
+def from_float16(array: np.ndarray, exponent: int) -> np.ndarray:
+    """Undoes ``to_float16``: float16 values times ``2**-exponent``, as float32 (exact)."""
+    return np.ldexp(np.asarray(array, dtype=np.float16).astype(np.float32), np.int32(-exponent))
