@@ -164,3 +164,21 @@ def test_unusable_device_fails_at_start_with_a_clear_message(tmp_path):
     assert "cannot use device @cupy:0" in process.log()
     assert "Traceback" not in process.log()
     process.terminate()
+
+
+def test_a_port_already_in_use_is_a_clear_error_not_a_traceback():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "layergrad_server", "--address", f"127.0.0.1:{port}"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode == 2
+    assert f"cannot start: could not listen on 127.0.0.1:{port}" in done.stderr + done.stdout
+    assert "Traceback" not in done.stderr + done.stdout
