@@ -471,18 +471,9 @@ class Client:
             return {named.name: from_tensor(named.tensor) for named in response.activations}
 
         batch = len(request.inputs)
-        limit = self._max_batch if self.split_batches else None
-        if limit is None or batch <= limit:
-            try:
-                outputs = run(request)
-            except InvalidArgument as exc:
-                limit = self._batch_limit_after(exc, batch, timeout)
-                if limit is None:
-                    raise
-            else:
-                if progress is not None:
-                    progress(batch, batch)
-                return outputs
+        whole, limit = self._whole_or_limit(lambda: run(request), batch, progress, timeout)
+        if limit is None:
+            return whole
         parts = []
         for start, stop in _batching.bounds(batch, limit):
             part = pb.PredictRequest(layers=request.layers, output_dtype=request.output_dtype)
@@ -618,24 +609,38 @@ class Client:
     ) -> GradientResult:
         """``run(request, out)``, split into sub-batches if it has more inputs than the server takes."""
         batch = len(request.inputs)
-        limit = self._max_batch if self.split_batches else None
-        if limit is None or batch <= limit:
-            try:
-                result = run(request, out)
-            except InvalidArgument as exc:
-                limit = self._batch_limit_after(exc, batch, timeout)
-                if limit is None:
-                    raise
-            else:
-                if progress is not None:
-                    progress(batch, batch)
-                return result
+        whole, limit = self._whole_or_limit(lambda: run(request, out), batch, progress, timeout)
+        if limit is None:
+            return whole
         join = _batching.GradientJoin(batch, loss._reduction, out)
         for start, stop, part in _batching.sub_requests(request, loss, limit):
             join.add(run(part, None), start, stop)
             if progress is not None:
                 progress(stop, batch)
         return join.finish()
+
+    def _whole_or_limit(
+        self,
+        call: Callable[[], _T],
+        batch: int,
+        progress: _batching.Progress | None,
+        timeout: float | None,
+    ) -> tuple[_T | None, int | None]:
+        """(the whole batch's answer, None) when one call takes it; else (None, the limit to split
+        at): the known limit, or the one learnt from the server refusing the batch as too large."""
+        limit = self._max_batch if self.split_batches else None
+        if limit is not None and batch > limit:
+            return None, limit
+        try:
+            answer = call()
+        except InvalidArgument as exc:
+            limit = self._batch_limit_after(exc, batch, timeout)
+            if limit is None:
+                raise
+            return None, limit
+        if progress is not None:
+            progress(batch, batch)
+        return answer, None
 
     def _batch_limit_after(self, error: InvalidArgument, batch: int, timeout: float | None) -> int | None:
         """The server's batch limit after it refused a batch as too large; None if splitting cannot help."""
