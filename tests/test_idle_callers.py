@@ -168,8 +168,12 @@ def test_a_slow_reader_that_keeps_reading_is_not_cancelled(tight_server):
     with grpc.insecure_channel(tight_server.address, options=NO_RETRIES) as channel:
         stub = pb_grpc.GradientServiceStub(channel)
         received = 0
+        started = time.monotonic()
         for message in stub.StreamGradients(request, timeout=600, metadata=metadata):
             received += len(message.data)
-            if received < 8 << 20:
-                time.sleep(0.5)  # slower than the server sends, never slower than the stall bound
+            # Slower than the server sends, so every send waits on flow control, yet far
+            # faster than the 3 s bound even when gRPC returns window in large steps.
+            time.sleep(0.1)
+        took = time.monotonic() - started
     assert received == 4096 * 4096 * 4
+    assert took > 3  # the whole stream outlasted the stall bound; only a pause counts
