@@ -58,6 +58,7 @@ proto-check: proto
 
 bench: setup
 	$(PY) scripts/bench.py
+	$(PY) scripts/bench_models.py
 
 # N clients for T seconds against one loopback server with a small queue (LOADTEST_ARGS=...).
 loadtest: setup

@@ -137,6 +137,7 @@ class FakeStub:
     ) -> None:
         self.stream_items = list(stream)
         self.unary = unary
+        self.info: Any = None  # GetModelInfo's answer, when it differs from ``unary``
         self.error = error
         self.requests: list[tuple[str, Any, float | None]] = []
         self.streams: list[FakeStream] = []
@@ -149,7 +150,8 @@ class FakeStub:
 
     def GetModelInfo(self, request: Any, timeout: float | None = None) -> bytes:  # noqa: N802
         """The response as bytes, as the SDK's GetModelInfo method receives it."""
-        return self._answer("GetModelInfo", request, timeout).SerializeToString()
+        answer = self._answer("GetModelInfo", request, timeout)
+        return (answer if self.info is None else self.info).SerializeToString()
 
     def Predict(self, request: Any, timeout: float | None = None) -> Any:  # noqa: N802
         return self._answer("Predict", request, timeout)
@@ -472,7 +474,6 @@ def test_list_and_tuple_mix_kinds_in_order(tmp_path: pathlib.Path) -> None:
         (b"", ValueError, "empty"),
         (np.zeros((3, 224, 224), np.uint8), ValueError, r"\(H, W, 3\)"),
         (np.zeros((224, 224, 3), np.float32), ValueError, "must be prepared"),
-        (np.zeros((3, 100, 100), np.float32), ValueError, "must be prepared"),
         (np.zeros((4, 4, 3), np.int32), ValueError, "not int32"),
         (np.zeros((224, 224), np.uint8), ValueError, "neither one image"),
         (np.zeros((1, 1, 3, 224, 224), np.float32), ValueError, "neither one image"),
@@ -960,13 +961,16 @@ def test_cli_predict_prints_top_classes(cli_stub: FakeStub, tmp_path: pathlib.Pa
     cli_stub.unary = pb.PredictResponse(
         activations=[pb.NamedTensor(name="prob", kind=ACTIVATION, tensor=to_tensor(prob))]
     )
+    cli_stub.info = model_info_response()
+    cli_stub.info.probability_layer = "prob"
+    cli_stub.info.labels.extend(f"label {i}" for i in range(1000))
     image = tmp_path / "a.png"
     image.write_bytes(PNG_1x1)
     out = tmp_path / "p.npz"
     assert cli.main(["predict", str(image), "--top", "2", "--out", str(out)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[1].split() == ["1.", "class", "42", "p=0.6000"]
-    assert lines[2].split() == ["2.", "class", "7", "p=0.3000"]
+    assert lines[1].split() == ["1.", "class", "42", "p=0.6000", "label", "42"]
+    assert lines[2].split() == ["2.", "class", "7", "p=0.3000", "label", "7"]
     with np.load(out) as saved:
         assert saved.files == ["prob"]
 
@@ -1004,6 +1008,7 @@ def test_cli_progress_draws_a_bar_on_stderr(cli_stub: FakeStub, tmp_path: pathli
     cli_stub.unary = pb.PredictResponse(
         activations=[pb.NamedTensor(name="prob", kind=ACTIVATION, tensor=to_tensor(prob))]
     )
+    cli_stub.info = model_info_response()
     image = tmp_path / "a.png"
     image.write_bytes(PNG_1x1)
     assert cli.main(["--progress", "predict", str(image), "--top", "1"]) == 0

@@ -20,8 +20,10 @@ from layergrad.client import (
     InputSpec,
     LayerInfo,
     ModelInfo,
+    ModelStatus,
     ParameterInfo,
     Pattern,
+    TopClass,
     WeightsInfo,
 )
 from layergrad.errors import (
@@ -74,6 +76,7 @@ __all__ = [
     "LayergradError",
     "Loss",
     "ModelInfo",
+    "ModelStatus",
     "NotFound",
     "OutOfRange",
     "ParameterInfo",
@@ -83,6 +86,7 @@ __all__ = [
     "SoftmaxCrossEntropy",
     "SquaredError",
     "SumOfSquares",
+    "TopClass",
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",

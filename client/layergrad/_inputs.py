@@ -6,8 +6,9 @@ Accepted, alone or in a list or tuple:
 * ``bytes``, ``bytearray`` or ``memoryview``: an encoded JPEG or PNG image;
 * a ``PIL.Image.Image``: sent losslessly as PNG (Pillow is optional and imported lazily);
 * a ``uint8`` array of shape ``(H, W, 3)``: a raw RGB image, prepared by the server;
-* a ``float32`` (or ``float64``, cast) array of shape ``(3, 224, 224)``: an already
-  prepared image (BGR, mean subtracted, CHW), used as is.
+* a ``float32`` (or ``float64``, cast) array of shape ``(C, H, W)``: an already
+  prepared image in the model's input format (VGG16: ``(3, 224, 224)``, BGR, mean
+  subtracted; ``ModelInfo.input_spec``), used as is; the server checks its shape.
 
 A 4-D array is a batch: ``(N, 3, 224, 224)`` float gives N prepared inputs and
 ``(N, H, W, 3)`` uint8 gives N raw RGB images. Anything else raises TypeError or
@@ -39,10 +40,11 @@ else:
 #: One image, or a batch: a list/tuple of images or a 4-D array.
 Images: TypeAlias = ImageItem | Sequence[ImageItem]
 
+#: The prepared input of the default model (VGG16); other models: ``ModelInfo.input_spec``.
 PREPARED_SHAPE = (3, 224, 224)
 _ACCEPTED = (
     "a file path, encoded image bytes, a PIL image, a uint8 HxWx3 RGB array, "
-    "a float32 3x224x224 prepared array, a list or tuple of these, or a 4-D array batch"
+    "a float32 CxHxW prepared array (VGG16: 3x224x224), a list or tuple of these, or a 4-D array batch"
 )
 
 
@@ -87,7 +89,7 @@ def _from_image_array(array: np.ndarray, where: str) -> pb.Input:
     if array.dtype in (np.float32, np.float64):
         return pb.Input(prepared=to_tensor(_checked_prepared(array, where)))
     raise ValueError(
-        f"{where}: arrays must be uint8 (raw RGB, HxWx3) or float32/float64 (prepared, 3x224x224), "
+        f"{where}: arrays must be uint8 (raw RGB, HxWx3) or float32/float64 (prepared, CxHxW), "
         f"not {array.dtype}"
     )
 
@@ -102,10 +104,12 @@ def _checked_rgb(array: np.ndarray, where: str) -> np.ndarray:
 
 
 def _checked_prepared(array: np.ndarray, where: str) -> np.ndarray:
-    if array.shape != PREPARED_SHAPE:
+    channels, _height, width = array.shape
+    if 0 in array.shape or (width in (3, 4) and channels not in (1, 3, 4)):
         raise ValueError(
-            f"{where}: a float image must be prepared, shape (3, 224, 224) BGR with the mean subtracted, "
-            f"not {array.shape}; pass raw pixels as a uint8 (H, W, 3) RGB array"
+            f"{where}: a float image must be prepared, channels first (C, H, W) in the model's input "
+            f"format (VGG16: (3, 224, 224) BGR with the mean subtracted), not {array.shape}; pass raw "
+            "pixels as a uint8 (H, W, 3) RGB array"
         )
     return array.astype(np.float32, copy=False)
 

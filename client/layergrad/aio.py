@@ -36,6 +36,7 @@ from layergrad.client import (
     _WAIT_REASONS,
     GradientResult,
     ModelInfo,
+    ModelStatus,
     Names,
     OutputDType,
     Pattern,
@@ -44,6 +45,8 @@ from layergrad.client import (
     _gradients_request,
     _missing,
     _model_info,
+    _model_name,
+    _model_statuses,
     _names,
     _out_arrays,
     _out_mapping,
@@ -81,7 +84,11 @@ class Client:
         load_balancing: bool | None = None,
         split_batches: bool = True,
         options: Sequence[tuple[str, Any]] | Mapping[str, Any] | None = None,
+        model: str = "",
+        model_version: str = "",
     ) -> None:
+        self.model = _model_name(model)
+        self.model_version = model_version
         settings = _ChannelSettings.of(
             target,
             credentials=credentials,
@@ -113,6 +120,20 @@ class Client:
         )
         self._max_batch: int | None = None
         self._closed = False
+
+    async def list_models(
+        self, *, timeout: float | None = None, wait_for_ready: bool | None = None
+    ) -> list[ModelStatus]:
+        """The served models with their state; see :meth:`layergrad.Client.list_models`."""
+        response = await self._invoke(
+            lambda kwargs: self._stub.ListModels(pb.ListModelsRequest(), **kwargs), timeout, wait_for_ready
+        )
+        return _model_statuses(response)
+
+    def _model_of(self, model: str | None, version: str | None) -> tuple[str, str]:
+        if model is None:
+            return self.model, self.model_version if version is None else version
+        return _model_name(model), version or ""
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -148,10 +169,16 @@ class Client:
         await _channel.wait_serving_async(self._channel, None if total is None else time.monotonic() + total)
 
     async def model_info(
-        self, *, timeout: float | None = None, wait_for_ready: bool | None = None
+        self,
+        *,
+        timeout: float | None = None,
+        wait_for_ready: bool | None = None,
+        model: str | None = None,
+        model_version: str | None = None,
     ) -> ModelInfo:
-        """Describes the served model: input format, layers, parameters, weights, limits."""
-        request = pb.GetModelInfoRequest()
+        """Describes a served model; see :meth:`layergrad.Client.model_info`."""
+        name, version = self._model_of(model, model_version)
+        request = pb.GetModelInfoRequest(model=name, model_version=version)
         response = await self._invoke(
             lambda kwargs: self._stub.GetModelInfo(request, **kwargs), timeout, wait_for_ready
         )
@@ -169,10 +196,17 @@ class Client:
         timeout: float | None = None,
         wait_for_ready: bool | None = None,
         progress: Progress | None = None,
+        model: str | None = None,
+        model_version: str | None = None,
     ) -> dict[str, np.ndarray]:
         """The outputs of ``layers`` for ``images``; see :meth:`layergrad.Client.predict`."""
+        name, version = self._model_of(model, model_version)
         request = pb.PredictRequest(
-            inputs=to_inputs(images), layers=_names(layers, "layers"), output_dtype=_output_dtype(dtype)
+            inputs=to_inputs(images),
+            layers=_names(layers, "layers"),
+            output_dtype=_output_dtype(dtype),
+            model=name,
+            model_version=version,
         )
 
         async def run(part: pb.PredictRequest) -> dict[str, np.ndarray]:
@@ -189,7 +223,9 @@ class Client:
             return whole
         parts = []
         for start, stop in _batching.bounds(batch, limit):
-            part = pb.PredictRequest(layers=request.layers, output_dtype=request.output_dtype)
+            part = pb.PredictRequest(
+                layers=request.layers, output_dtype=request.output_dtype, model=name, model_version=version
+            )
             part.inputs.extend(request.inputs[start:stop])
             parts.append(await run(part))
             if progress is not None:
@@ -210,6 +246,9 @@ class Client:
         timeout: float | None = None,
         out: GradientResult | None = None,
         wait_for_ready: bool | None = None,
+        links: Names = (),
+        model: str | None = None,
+        model_version: str | None = None,
         progress: Progress | None = None,
     ) -> GradientResult:
         """The requested gradients of ``loss``, streamed; see :meth:`layergrad.Client.gradients`.
@@ -218,7 +257,17 @@ class Client:
         ``out`` where given); batches larger than the server takes are split and joined.
         """
         request = _gradients_request(
-            pb.StreamGradientsRequest, images, loss, pattern, parameters, layers, input, activations, dtype
+            pb.StreamGradientsRequest,
+            images,
+            loss,
+            pattern,
+            parameters,
+            layers,
+            input,
+            activations,
+            dtype,
+            *self._model_of(model, model_version),
+            links,
         )
         if out is not None and not isinstance(out, GradientResult):
             raise TypeError(f"out must be a GradientResult, not {type(out).__name__}")
@@ -261,6 +310,7 @@ class Client:
         timeout: float | None = None,
         out: np.ndarray | None = None,
         wait_for_ready: bool | None = None,
+        model: str | None = None,
         progress: Progress | None = None,
     ) -> np.ndarray:
         """The gradient of ``loss`` with respect to the prepared input, ``[batch, 3, 224, 224]``."""
@@ -272,6 +322,7 @@ class Client:
             dtype=dtype,
             timeout=timeout,
             wait_for_ready=wait_for_ready,
+            model=model,
             progress=progress,
             out=None if out is None else GradientResult(input=out),
         )
@@ -289,6 +340,7 @@ class Client:
         timeout: float | None = None,
         out: Mapping[str, np.ndarray] | None = None,
         wait_for_ready: bool | None = None,
+        model: str | None = None,
         progress: Progress | None = None,
     ) -> dict[str, np.ndarray]:
         """Gradients of ``loss`` with respect to parameters (``loss.backward()``), by name."""
@@ -300,6 +352,7 @@ class Client:
             dtype=dtype,
             timeout=timeout,
             wait_for_ready=wait_for_ready,
+            model=model,
             progress=progress,
             out=None if out is None else GradientResult(parameters=_out_mapping(out)),
         )
@@ -315,6 +368,7 @@ class Client:
         timeout: float | None = None,
         out: Mapping[str, np.ndarray] | None = None,
         wait_for_ready: bool | None = None,
+        model: str | None = None,
         progress: Progress | None = None,
     ) -> dict[str, np.ndarray]:
         """Gradients of ``loss`` with respect to layer outputs (``chainer.grad``), by layer name."""
@@ -326,6 +380,7 @@ class Client:
             dtype=dtype,
             timeout=timeout,
             wait_for_ready=wait_for_ready,
+            model=model,
             progress=progress,
             out=None if out is None else GradientResult(layers=_out_mapping(out)),
         )

@@ -2,13 +2,15 @@
 
 ::
 
+    layergrad models
     layergrad info [--json]
     layergrad predict IMAGE... [--layers prob] [--top 5] [--out outputs.npz]
     layergrad grad IMAGE... --out grads.npz [--loss SPEC] [--pattern grad] [--input]
                    [--layers a,b|all] [--params a,b|all] [--activations a,b] [--float16]
 
 The server address comes from ``--target``, else ``$LAYERGRAD_TARGET``, else
-127.0.0.1:50051; a host without a port means port 50051. ``--target`` also takes
+127.0.0.1:50051; a host without a port means port 50051. ``--model`` (else
+``$LAYERGRAD_MODEL``) names the served model to use; none means the server's default. ``--target`` also takes
 replicas (``ipv4:10.0.0.5:50051,10.0.0.6:50051`` or ``dns:///name:50051``), balanced
 over those that are serving. ``--wait`` waits (within ``--timeout``) for a server that
 is still starting or loading its model instead of failing. A bearer token is
@@ -57,7 +59,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
         with Client(
-            args.target, timeout=args.timeout or None, wait_for_ready=args.wait, **_security(args)
+            args.target,
+            timeout=args.timeout or None,
+            wait_for_ready=args.wait,
+            model=args.model or "",
+            **_security(args),
         ) as client:
             return args.handler(client, args, sys.stdout)
     except LayergradError as exc:
@@ -104,6 +110,12 @@ def _parser() -> argparse.ArgumentParser:
         "replicas (default: $LAYERGRAD_TARGET or %(default)s)",
     )
     parser.add_argument(
+        "--model",
+        default=os.environ.get("LAYERGRAD_MODEL") or "",
+        help="the served model to use (`layergrad models` lists them; default: $LAYERGRAD_MODEL, else "
+        "the server's default model)",
+    )
+    parser.add_argument(
         "--progress",
         action="store_true",
         help="show progress on stderr while a batch larger than the server takes is sent in parts",
@@ -120,6 +132,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-cert", help="PEM client certificate chain, for mutual TLS")
     parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    models = commands.add_parser("models", help="list the served models")
+    models.set_defaults(handler=_run_models)
     _add_info(commands)
     _add_predict(commands)
     _add_grad(commands)
@@ -136,7 +150,10 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
     predict = commands.add_parser("predict", help="run the forward pass on images")
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG or PNG files")
     predict.add_argument(
-        "--layers", type=_csv, default=["prob"], help="comma-separated layers (default: prob)"
+        "--layers",
+        type=_csv,
+        default=[],
+        help="comma-separated layers (default: the model's probability layer, VGG16's prob)",
     )
     predict.add_argument(
         "--top", type=int, default=5, metavar="K", help="classes to show per image (default: 5)"
@@ -229,7 +246,7 @@ def _run_info(client: Client, args: argparse.Namespace, out: TextIO) -> int:
 def _print_info(info: ModelInfo, out: TextIO) -> None:
     spec, weights = info.input_spec, info.weights
     rows = [
-        ("model", info.model_name),
+        ("model", f"{info.model or '-'} (version {info.model_version or '-'}), {info.model_name}"),
         ("weights", f"{'pretrained' if weights.pretrained else 'random'}, {weights.source}"),
         ("file sha256", weights.file_sha256 or "-"),
         ("params sha256", weights.parameters_sha256 or "-"),
@@ -250,6 +267,9 @@ def _print_info(info: ModelInfo, out: TextIO) -> None:
     ]
     for label, value in rows:
         out.write(f"{label:<14} {value}\n")
+    if info.labels:
+        rows_out = f"{len(info.labels)} classes ({info.labels[0]}, ...)"
+        out.write(f"{'labels':<14} {rows_out}\n")
     out.write("\n")
     _print_table(
         ["layer", "output shape"], [[layer.name, _shape(layer.output_shape)] for layer in info.layers], out
@@ -261,12 +281,32 @@ def _input_line(spec: InputSpec) -> str:
     return f"{_shape(spec.shape)} {spec.dtype} {spec.layout} {spec.channel_order}, mean ({mean})"
 
 
+def _run_models(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    rows = [
+        [
+            m.name + (" (default)" if m.default else ""),
+            m.version,
+            m.state,
+            m.architecture,
+            m.message or m.weights_source or "-",
+        ]
+        for m in client.list_models()
+    ]
+    _print_table(["model", "version", "state", "architecture", "weights / error"], rows, out)
+    return 0
+
+
 def _run_predict(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     if args.top < 1:
         raise UsageError("--top must be at least 1")
-    outputs = client.predict(args.images, args.layers, progress=_progress_bar(args))
-    if "prob" in outputs:
-        _print_top(args.images, outputs["prob"], args.top, out)
+    for path in args.images:  # an unreadable image is a usage error before any call
+        with open(path, "rb"):
+            pass
+    info = client.model_info()
+    layers = args.layers or [info.probability_layer or info.layer_names[-1]]
+    outputs = client.predict(args.images, layers, progress=_progress_bar(args), model=info.model or None)
+    if info.probability_layer in outputs:
+        _print_top(args.images, outputs[info.probability_layer], args.top, out, info)
     _print_summary(outputs, out)
     if args.out:
         np.savez(args.out, **outputs)
@@ -274,12 +314,14 @@ def _run_predict(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def _print_top(images: Sequence[str], prob: np.ndarray, top: int, out: TextIO) -> None:
+def _print_top(images: Sequence[str], prob: np.ndarray, top: int, out: TextIO, info: ModelInfo) -> None:
     for image, row in zip(images, prob, strict=False):
         best = np.argsort(row)[::-1][:top]
         out.write(f"{image}\n")
         for rank, cls in enumerate(best, start=1):
-            out.write(f"  {rank}. class {int(cls):>4}  p={float(row[cls]):.4f}\n")
+            name = info.class_name(int(cls))
+            label = f"  {name}" if name else ""
+            out.write(f"  {rank}. class {int(cls):>4}  p={float(row[cls]):.4f}{label}\n")
 
 
 def _run_grad(client: Client, args: argparse.Namespace, out: TextIO) -> int:

@@ -166,6 +166,10 @@ class InputSpec:
     channel_order: str
     mean: tuple[float, ...]
     image_formats: tuple[str, ...]
+    #: Empty when only ``shape`` is taken, else the smallest (height, width) accepted.
+    min_size: tuple[int, ...] = ()
+    #: How images are resized: "bicubic" (Pillow's default, Chainer's prepare) or "custom".
+    resize: str = ""
 
 
 @dataclass(frozen=True)
@@ -214,6 +218,19 @@ class ModelInfo:
     max_unary_response_bytes: int
     stream_chunk_bytes: int
     max_batch_size: int
+    #: The served name and version to use in calls (``model=``), for example "vgg16".
+    model: str = ""
+    model_version: str = ""
+    #: Class names, index i naming class i (empty when the model has none).
+    labels: tuple[str, ...] = ()
+    logits_layer: str = ""
+    probability_layer: str = ""
+    #: Every link (``links=`` targets) in the order the forward first calls them.
+    links: tuple[LayerInfo, ...] = ()
+
+    def class_name(self, index: int) -> str:
+        """The name of class ``index``, or "" when the model has no labels for it."""
+        return self.labels[index] if 0 <= index < len(self.labels) else ""
 
     @property
     def layer_names(self) -> tuple[str, ...]:
@@ -236,6 +253,64 @@ class ModelInfo:
         return sum(param.size * np.dtype(param.dtype).itemsize for param in self.parameters)
 
 
+class TopClass(tuple):
+    """One ranked class: unpacks as ``(index, probability)``; ``name`` is the class name."""
+
+    name: str
+
+    def __new__(cls, index: int, probability: float, name: str = "") -> TopClass:
+        self = super().__new__(cls, (index, probability))
+        self.name = name
+        return self
+
+    @property
+    def index(self) -> int:
+        return self[0]
+
+    @property
+    def probability(self) -> float:
+        return self[1]
+
+    def __repr__(self) -> str:
+        return f"TopClass(index={self[0]}, probability={self[1]:.6g}, name={self.name!r})"
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """A served model and whether it can be called: state "loading", "ready" or "failed"."""
+
+    name: str
+    version: str
+    state: str
+    architecture: str
+    default: bool = False
+    #: Why loading failed (state "failed").
+    message: str = ""
+    weights_source: str = ""
+
+
+_MODEL_STATES = {
+    pb.MODEL_STATE_LOADING: "loading",
+    pb.MODEL_STATE_READY: "ready",
+    pb.MODEL_STATE_FAILED: "failed",
+}
+
+
+def _model_statuses(response: pb.ListModelsResponse) -> list[ModelStatus]:
+    return [
+        ModelStatus(
+            name=m.name,
+            version=m.version,
+            state=_MODEL_STATES.get(m.state, "unknown"),
+            architecture=m.architecture,
+            default=m.name == response.default_model,
+            message=m.message,
+            weights_source=m.weights_source,
+        )
+        for m in response.models
+    ]
+
+
 @dataclass(frozen=True)
 class GradientResult:
     """The tensors a gradient call returned.
@@ -246,6 +321,7 @@ class GradientResult:
         parameters: gradients with respect to parameters (summed over the batch), by name.
         activations: forward outputs of the requested layers, by layer name.
         loss: the loss value, or None for an UpstreamGradient loss.
+        links: gradients with respect to link outputs, by link path (``"res4/b5"``).
     """
 
     input: np.ndarray | None = None
@@ -253,16 +329,19 @@ class GradientResult:
     parameters: dict[str, np.ndarray] = field(default_factory=dict)
     activations: dict[str, np.ndarray] = field(default_factory=dict)
     loss: float | None = None
+    links: dict[str, np.ndarray] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, np.ndarray]:
         """Every tensor under one flat key, for ``np.savez``.
 
-        Keys: ``"input"``, ``"layer/<name>"``, ``"param/<name>"``, ``"activation/<name>"``.
+        Keys: ``"input"``, ``"layer/<name>"``, ``"link/<path>"``, ``"param/<name>"``,
+        ``"activation/<name>"``.
         """
         flat: dict[str, np.ndarray] = {}
         if self.input is not None:
             flat["input"] = self.input
         flat.update({f"layer/{name}": array for name, array in self.layers.items()})
+        flat.update({f"link/{path}": array for path, array in self.links.items()})
         flat.update({f"param/{name}": array for name, array in self.parameters.items()})
         flat.update({f"activation/{name}": array for name, array in self.activations.items()})
         return flat
@@ -303,6 +382,9 @@ class Client:
             InvalidArgument (reason ``BATCH_TOO_LARGE``).
         options: extra gRPC channel options, ``(name, value)`` pairs or a mapping;
             they override :data:`DEFAULT_CHANNEL_OPTIONS` of the same name.
+        model: the served model every call uses unless it names its own (``model=``);
+            empty means the server's default model (see :meth:`list_models`).
+        model_version: its version; empty means the served one.
 
     Use it as a context manager, or call :meth:`close`. A closed client raises
     :class:`~layergrad.errors.ClientClosedError` and cannot be reopened.
@@ -323,7 +405,11 @@ class Client:
         load_balancing: bool | None = None,
         split_batches: bool = True,
         options: Sequence[tuple[str, Any]] | Mapping[str, Any] | None = None,
+        model: str = "",
+        model_version: str = "",
     ) -> None:
+        self.model = _model_name(model)
+        self.model_version = model_version
         settings = _ChannelSettings.of(
             target,
             credentials=credentials,
@@ -362,7 +448,7 @@ class Client:
             request_serializer=pb.GetModelInfoRequest.SerializeToString,
             _registered_method=True,
         )
-        self._model_info: tuple[bytes, ModelInfo] | None = None
+        self._model_info: dict[tuple[str, str], tuple[bytes, ModelInfo]] = {}
         # The most inputs per call, once learned from the server (see ``split_batches``).
         self._max_batch: int | None = None
         self._layouts: OrderedDict[tuple[Any, ...], tuple[_TensorLayout, ...]] = OrderedDict()
@@ -431,18 +517,33 @@ class Client:
                 raise ClientClosedError("the client was closed while waiting") from exc
             raise
 
-    def model_info(self, *, timeout: float | None = None, wait_for_ready: bool | None = None) -> ModelInfo:
-        """Describes the served model: input format, layers, parameters, weights, limits."""
-        request = pb.GetModelInfoRequest()
+    def model_info(
+        self,
+        *,
+        timeout: float | None = None,
+        wait_for_ready: bool | None = None,
+        model: str | None = None,
+        model_version: str | None = None,
+    ) -> ModelInfo:
+        """Describes a served model (default: the Client's ``model``): input format, layers,
+        links, parameters, weights, labels, limits."""
+        name, version = self._model_of(model, model_version)
+        request = pb.GetModelInfoRequest(model=name, model_version=version)
         raw = self._invoke(lambda kwargs: self._stub.GetModelInfo(request, **kwargs), timeout, wait_for_ready)
-        known = self._model_info
+        known = self._model_info.get((name, version))
         if known is None or known[0] != raw:
             known = (raw, _model_info(pb.GetModelInfoResponse.FromString(raw)))
-            self._model_info = known
+            self._model_info[(name, version)] = known
             if known[1].max_batch_size > 0:
                 self._max_batch = known[1].max_batch_size
         # Everything in a ModelInfo is immutable but ``versions``: each caller gets its own.
         return dataclasses.replace(known[1], versions=dict(known[1].versions))
+
+    def _model_of(self, model: str | None, version: str | None) -> tuple[str, str]:
+        """The (model, version) a call names: its own, else the Client's."""
+        if model is None:
+            return self.model, self.model_version if version is None else version
+        return _model_name(model), version or ""
 
     def predict(
         self,
@@ -453,6 +554,8 @@ class Client:
         timeout: float | None = None,
         wait_for_ready: bool | None = None,
         progress: Callable[[int, int], None] | None = None,
+        model: str | None = None,
+        model_version: str | None = None,
     ) -> dict[str, np.ndarray]:
         """Runs the forward pass and returns the outputs of ``layers``, each ``[batch] + layer shape``.
 
@@ -460,8 +563,13 @@ class Client:
         server takes is split into several calls, their outputs concatenated, with
         ``progress`` called after each (see :meth:`gradients`).
         """
+        name, version = self._model_of(model, model_version)
         request = pb.PredictRequest(
-            inputs=to_inputs(images), layers=_names(layers, "layers"), output_dtype=_output_dtype(dtype)
+            inputs=to_inputs(images),
+            layers=_names(layers, "layers"),
+            output_dtype=_output_dtype(dtype),
+            model=name,
+            model_version=version,
         )
 
         def run(part: pb.PredictRequest) -> dict[str, np.ndarray]:
@@ -476,7 +584,9 @@ class Client:
             return whole
         parts = []
         for start, stop in _batching.bounds(batch, limit):
-            part = pb.PredictRequest(layers=request.layers, output_dtype=request.output_dtype)
+            part = pb.PredictRequest(
+                layers=request.layers, output_dtype=request.output_dtype, model=name, model_version=version
+            )
             part.inputs.extend(request.inputs[start:stop])
             parts.append(run(part))
             if progress is not None:
@@ -490,13 +600,36 @@ class Client:
         *,
         timeout: float | None = None,
         wait_for_ready: bool | None = None,
-    ) -> list[list[tuple[int, float]]]:
-        """The ``k`` most probable ImageNet class indices per image, with their ``prob``, best first."""
+        model: str | None = None,
+    ) -> list[list[TopClass]]:
+        """The ``k`` most probable classes per image, best first: ``(index, probability)`` pairs
+        whose ``.name`` is the class name (empty when the model has no labels).
+
+        Reads the model's probability layer (``ModelInfo.probability_layer``, VGG16's ``prob``).
+        """
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
-        prob = self.predict(images, ("prob",), timeout=timeout, wait_for_ready=wait_for_ready)["prob"]
+        info = self.model_info(timeout=timeout, wait_for_ready=wait_for_ready, model=model)
+        layer = info.probability_layer
+        if not layer:
+            raise ValueError(f"model {info.model!r} has no probability layer to rank classes by")
+        prob = self.predict(
+            images, (layer,), timeout=timeout, wait_for_ready=wait_for_ready, model=info.model
+        )[layer]
         best = np.argsort(-prob, axis=1, kind="stable")[:, :k]
-        return [[(int(c), float(row[c])) for c in order] for row, order in zip(prob, best, strict=True)]
+        return [
+            [TopClass(int(c), float(row[c]), info.class_name(int(c))) for c in order]
+            for row, order in zip(prob, best, strict=True)
+        ]
+
+    def list_models(
+        self, *, timeout: float | None = None, wait_for_ready: bool | None = None
+    ) -> list[ModelStatus]:
+        """The models the server serves, with their state (the default one has ``default``)."""
+        response = self._invoke(
+            lambda kwargs: self._stub.ListModels(pb.ListModelsRequest(), **kwargs), timeout, wait_for_ready
+        )
+        return _model_statuses(response)
 
     def gradients(
         self,
@@ -514,6 +647,9 @@ class Client:
         copy: bool = True,
         out: GradientResult | None = None,
         wait_for_ready: bool | None = None,
+        links: Names = (),
+        model: str | None = None,
+        model_version: str | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> GradientResult:
         """Computes the requested gradients of ``loss``, streamed so any size works.
@@ -528,6 +664,10 @@ class Client:
             input: whether to return the gradient with respect to the prepared input.
             activations: layers whose forward outputs to return too.
             dtype: element type of the returned tensors, "float32" or "float16".
+            links: link paths (``"res4/b5"``, see ``ModelInfo.links``) whose outputs' gradients
+                to return (in ``GradientResult.links``). Not allowed with pattern "backward".
+            model, model_version: the served model to use; None uses the Client's ``model``
+                (an empty name: the server's default model).
             timeout: deadline of the whole call in seconds; None uses the client's timeout.
             shared_memory: have the server write the result into this Client's POSIX shared
                 memory region (the ExportGradients RPC) instead of sending it over the
@@ -584,7 +724,17 @@ class Client:
                 f"not {self.target!r}"
             )
         request = _gradients_request(
-            kind, images, loss, pattern, parameters, layers, input, activations, dtype
+            kind,
+            images,
+            loss,
+            pattern,
+            parameters,
+            layers,
+            input,
+            activations,
+            dtype,
+            *self._model_of(model, model_version),
+            links,
         )
         if shared_memory and out is not None:
             raise ValueError("out= is not supported with shared_memory=True")
@@ -740,6 +890,9 @@ class Client:
         dtype: OutputDType = "float32",
         timeout: float | None = None,
         wait_for_ready: bool | None = None,
+        links: Names = (),
+        model: str | None = None,
+        model_version: str | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> GradientResult:
         """Same as :meth:`gradients` through the unary ComputeGradients RPC.
@@ -748,7 +901,17 @@ class Client:
         ``ModelInfo.max_unary_response_bytes``; use :meth:`gradients` for those.
         """
         request = _gradients_request(
-            pb.ComputeGradientsRequest, images, loss, pattern, parameters, layers, input, activations, dtype
+            pb.ComputeGradientsRequest,
+            images,
+            loss,
+            pattern,
+            parameters,
+            layers,
+            input,
+            activations,
+            dtype,
+            *self._model_of(model, model_version),
+            links,
         )
 
         def run(part: pb.ComputeGradientsRequest, _out: GradientResult | None) -> GradientResult:
@@ -772,6 +935,7 @@ class Client:
         timeout: float | None = None,
         out: np.ndarray | None = None,
         wait_for_ready: bool | None = None,
+        model: str | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> np.ndarray:
         """The gradient of ``loss`` with respect to the prepared input, ``[batch, 3, 224, 224]``.
@@ -786,6 +950,7 @@ class Client:
             dtype=dtype,
             timeout=timeout,
             wait_for_ready=wait_for_ready,
+            model=model,
             progress=progress,
             out=None if out is None else GradientResult(input=out),
         )
@@ -803,6 +968,7 @@ class Client:
         timeout: float | None = None,
         out: Mapping[str, np.ndarray] | None = None,
         wait_for_ready: bool | None = None,
+        model: str | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> dict[str, np.ndarray]:
         """Gradients of ``loss`` with respect to parameters (``loss.backward()``), by name.
@@ -822,6 +988,7 @@ class Client:
             dtype=dtype,
             timeout=timeout,
             wait_for_ready=wait_for_ready,
+            model=model,
             progress=progress,
             out=None if out is None else GradientResult(parameters=_out_mapping(out)),
         )
@@ -837,6 +1004,7 @@ class Client:
         timeout: float | None = None,
         out: Mapping[str, np.ndarray] | None = None,
         wait_for_ready: bool | None = None,
+        model: str | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> dict[str, np.ndarray]:
         """Gradients of ``loss`` with respect to layer outputs (``chainer.grad``), by layer name.
@@ -851,6 +1019,7 @@ class Client:
             dtype=dtype,
             timeout=timeout,
             wait_for_ready=wait_for_ready,
+            model=model,
             progress=progress,
             out=None if out is None else GradientResult(layers=_out_mapping(out)),
         )
@@ -1017,12 +1186,15 @@ def _gradients_request(
     want_input: bool,
     activations: Names,
     dtype: OutputDType,
+    model: str = "",
+    model_version: str = "",
+    links: Names = (),
 ) -> Any:
     if not isinstance(loss, Loss):
         raise TypeError(
             f"loss must be one of layergrad.losses (e.g. SumOfSquares()), not {type(loss).__name__}"
         )
-    targets = _targets(parameters, layers, want_input)
+    targets = _targets(parameters, layers, want_input, links)
     return message_type(
         inputs=to_inputs(images),
         loss=loss._to_proto(),
@@ -1030,11 +1202,23 @@ def _gradients_request(
         targets=targets,
         activation_layers=_names(activations, "activations"),
         output_dtype=_output_dtype(dtype),
+        model=_model_name(model),
+        model_version=model_version,
     )
 
 
-def _targets(parameters: Names | None, layers: Names | None, want_input: bool) -> pb.GradientTargets:
-    targets = pb.GradientTargets(input=bool(want_input))
+def _model_name(model: str | None) -> str:
+    if model is None:
+        return ""
+    if not isinstance(model, str):
+        raise TypeError(f"model must be a model name (str), not {type(model).__name__}")
+    return model
+
+
+def _targets(
+    parameters: Names | None, layers: Names | None, want_input: bool, links: Names = ()
+) -> pb.GradientTargets:
+    targets = pb.GradientTargets(input=bool(want_input), links=_names(links, "links"))
     if parameters == "all":
         targets.all_parameters = True
     elif parameters is not None:
@@ -1044,9 +1228,14 @@ def _targets(parameters: Names | None, layers: Names | None, want_input: bool) -
     elif layers is not None:
         targets.layers.extend(_names(layers, "layers"))
     if not (
-        targets.input or targets.all_parameters or targets.parameters or targets.all_layers or targets.layers
+        targets.input
+        or targets.all_parameters
+        or targets.parameters
+        or targets.all_layers
+        or targets.layers
+        or targets.links
     ):
-        raise ValueError("no gradient requested: set input=True, parameters=... or layers=...")
+        raise ValueError("no gradient requested: set input=True, parameters=..., layers=... or links=...")
     return targets
 
 
@@ -1115,6 +1304,7 @@ def _out_arrays(out: GradientResult | None) -> dict[TensorKey, np.ndarray]:
         (pb.TENSOR_KIND_LAYER_GRADIENT, out.layers),
         (pb.TENSOR_KIND_PARAMETER_GRADIENT, out.parameters),
         (pb.TENSOR_KIND_ACTIVATION, out.activations),
+        (pb.TENSOR_KIND_LINK_GRADIENT, out.links),
     ):
         arrays.update({(kind, name): array for name, array in group.items()})
     return arrays
@@ -1141,6 +1331,7 @@ def _gradient_result(tensors: Sequence[AssembledTensor], loss: float | None) -> 
         pb.TENSOR_KIND_LAYER_GRADIENT: {},
         pb.TENSOR_KIND_PARAMETER_GRADIENT: {},
         pb.TENSOR_KIND_ACTIVATION: {},
+        pb.TENSOR_KIND_LINK_GRADIENT: {},
     }
     for tensor in tensors:
         if tensor.kind == pb.TENSOR_KIND_INPUT_GRADIENT:
@@ -1155,6 +1346,7 @@ def _gradient_result(tensors: Sequence[AssembledTensor], loss: float | None) -> 
         parameters=groups[pb.TENSOR_KIND_PARAMETER_GRADIENT],
         activations=groups[pb.TENSOR_KIND_ACTIVATION],
         loss=loss,
+        links=groups[pb.TENSOR_KIND_LINK_GRADIENT],
     )
 
 
@@ -1187,6 +1379,8 @@ def _model_info(response: pb.GetModelInfoResponse) -> ModelInfo:
             channel_order=spec.channel_order,
             mean=tuple(spec.mean),
             image_formats=tuple(spec.image_formats),
+            min_size=tuple(spec.min_size),
+            resize=spec.resize,
         ),
         layers=tuple(LayerInfo(layer.name, tuple(layer.output_shape)) for layer in response.layers),
         parameters=tuple(
@@ -1204,4 +1398,10 @@ def _model_info(response: pb.GetModelInfoResponse) -> ModelInfo:
         max_unary_response_bytes=response.max_unary_response_bytes,
         stream_chunk_bytes=response.stream_chunk_bytes,
         max_batch_size=response.max_batch_size,
+        model=response.model,
+        model_version=response.model_version,
+        labels=tuple(response.labels),
+        logits_layer=response.logits_layer,
+        probability_layer=response.probability_layer,
+        links=tuple(LayerInfo(link.name, tuple(link.output_shape)) for link in response.links),
     )

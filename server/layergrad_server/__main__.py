@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import pathlib
 import signal
 import sys
 import threading
@@ -12,8 +13,12 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from layergrad_server import config as config_module
-    from layergrad_server.engine import WeightsSource
+    from layergrad_server.engine import Engine, WeightsSource
+    from layergrad_server.models.repository import ModelConfig
+    from layergrad_server.weights import ResolvedWeights
 
 logger = logging.getLogger("layergrad_server")
 
@@ -121,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # Imported after logging is set up: importing Chainer is slow and may warn.
     from layergrad_server.auth import TokenFileError
-    from layergrad_server.server import GradientServer, load_model
-    from layergrad_server.weights import WeightsError
+    from layergrad_server.models.repository import default_models
+    from layergrad_server.server import GradientServer
 
     stop_requested = threading.Event()
 
@@ -140,41 +145,78 @@ def main(argv: list[str] | None = None) -> int:
     except (TokenFileError, OSError) as error:
         logger.error("cannot start: %s", error)
         return 2
+    models = list(config.models) or default_models(config.weights)
+    server.expect(models)
     server.start()
-    try:
-        weights = load_weights_source(config)
-    except WeightsError as error:
-        logger.error("cannot load weights: %s", error)
+    failures = load_models(config, models, server.attach, server.fail, stop_requested)
+    if len(failures) == len(models) and not stop_requested.is_set():
         server.stop(0)
-        return 1
-    if not stop_requested.is_set():
-        try:
-            server.attach(load_model(config, weights))
-        except (ValueError, RuntimeError) as error:  # a bad or unusable --device
-            logger.error("cannot use device %s: %s", config.device, error)
-            server.stop(0)
-            return 2
+        return failures[0]
     while not stop_requested.wait(0.5):
         pass
     server.stop()
     return 0
 
 
-def serve_worker(config: config_module.ServerConfig, stop_requested: threading.Event) -> int:
-    """A worker of ``--workers N``: loads the model first, then listens (port shared) and serves."""
-    from layergrad_server.auth import TokenFileError
-    from layergrad_server.server import GradientServer, load_model
+def load_models(
+    config: config_module.ServerConfig,
+    models: list[ModelConfig],
+    ready: Callable[[Engine, str], None],
+    failed: Callable[[str, str], None],
+    stop_requested: threading.Event,
+) -> list[int]:
+    """Loads ``models`` one after another, handing each to ``ready`` or its error to ``failed``;
+    returns the exit status each failure stands for (1 weights or model code, 2 the device)."""
+    from layergrad_server.server import load_model
     from layergrad_server.weights import WeightsError
+
+    failures = []
+    try:
+        import chainer
+
+        chainer.get_device(config.device).xp.zeros(1)
+    except (ValueError, RuntimeError, ImportError) as error:  # a bad or unusable --device
+        logger.error("cannot use device %s: %s", config.device, error)
+        for model in models:
+            failed(model.name, f"cannot use device {config.device}: {error}")
+        return [2] * len(models)
+    for model in models:
+        if stop_requested.is_set():
+            break
+        try:
+            engine = load_model(config, load_weights_source(config, model), model)
+        except WeightsError as error:
+            logger.error("model %s: cannot load weights: %s", model.name, error)
+            failed(model.name, f"cannot load weights: {error}")
+            failures.append(1)
+        except Exception as error:  # a user model's own code may raise anything
+            logger.exception("model %s: cannot be loaded", model.name)
+            failed(model.name, f"{type(error).__name__}: {error}")
+            failures.append(1)
+        else:
+            ready(engine, model.name)
+    return failures
+
+
+def serve_worker(config: config_module.ServerConfig, stop_requested: threading.Event) -> int:
+    """A worker of ``--workers N``: loads the models first, then listens (port shared) and serves."""
+    from layergrad_server.auth import TokenFileError
+    from layergrad_server.models.repository import default_models
+    from layergrad_server.server import GradientServer
     from layergrad_server.workers import report_ready
 
-    try:
-        model = load_model(config, load_weights_source(config))
-    except WeightsError as error:
-        logger.error("cannot load weights: %s", error)
-        return 1
-    except (ValueError, RuntimeError) as error:  # a bad or unusable --device
-        logger.error("cannot use device %s: %s", config.device, error)
-        return 2
+    models = list(config.models) or default_models(config.weights)
+    loaded: list[tuple[Engine, str]] = []
+    errors: list[tuple[str, str]] = []
+    failures = load_models(
+        config,
+        models,
+        lambda engine, name: loaded.append((engine, name)),
+        lambda name, message: errors.append((name, message)),
+        stop_requested,
+    )
+    if len(failures) == len(models) and failures:
+        return failures[0]
     if stop_requested.is_set():
         return 0
     try:
@@ -182,7 +224,11 @@ def serve_worker(config: config_module.ServerConfig, stop_requested: threading.E
     except (TokenFileError, OSError, RuntimeError) as error:
         logger.error("cannot start: %s", error)
         return 2
-    server.attach(model)
+    server.expect(models)
+    for name, message in errors:
+        server.fail(name, message)
+    for engine, name in loaded:
+        server.attach(engine, name)
     server.start()
     assert config.worker_ready_fd is not None
     report_ready(config.worker_ready_fd)
@@ -192,26 +238,62 @@ def serve_worker(config: config_module.ServerConfig, stop_requested: threading.E
     return 0
 
 
-def load_weights_source(config: config_module.ServerConfig) -> WeightsSource:
-    """The configured weights, resolved (downloaded or converted if need be); WeightsError if not."""
+def load_weights_source(
+    config: config_module.ServerConfig, model: ModelConfig | None = None
+) -> WeightsSource:
+    """A model's weights (default: VGG16's ``--weights``), resolved (downloaded or converted if
+    need be); WeightsError if not."""
     from layergrad_server.engine import WeightsSource
+    from layergrad_server.models.repository import CHAIN, default_models
     from layergrad_server.weights import resolve_weights
 
-    resolved = resolve_weights(config.weights)
+    model = model or default_models(config.weights)[0]
+    if model.architecture == CHAIN or (model.architecture != "vgg16" and model.weights != "auto"):
+        resolved = resolve_chain_weights(model)
+    else:
+        resolved = resolve_weights(model.weights)
+    from layergrad_server.models.vision import random_seed_of
+
+    seed = None if resolved.npz_path is None else random_seed_of(resolved.npz_path)
     weights = WeightsSource(
-        source=resolved.source,
-        pretrained=resolved.pretrained,
+        source=resolved.source if seed is None else f"{resolved.source} (random:{seed})",
+        pretrained=resolved.pretrained and seed is None,
         npz_path=None if resolved.npz_path is None else str(resolved.npz_path),
         random_seed=resolved.random_seed,
         file_sha256=resolved.file_sha256,
     )
     if not weights.pretrained:
         logger.warning(
-            "serving RANDOM weights (%s): gradients are those of an untrained network; "
+            "model %s: serving RANDOM weights (%s): gradients are those of an untrained network; "
             "run `layergrad-server weights fetch` or pass --weights PATH for pretrained VGG16",
+            model.name,
             weights.source,
         )
     return weights
+
+
+def resolve_chain_weights(model: ModelConfig) -> ResolvedWeights:
+    """A user Chain's weights: an npz (named in its model file) or ``random:SEED`` (Chainer's own
+    initialisers, seeded)."""
+    from layergrad_server.weights import ResolvedWeights, WeightsError
+    from layergrad_server.weights.store import sha256_file
+
+    choice = (model.weights or "random:0").strip()
+    if choice.startswith("random"):
+        _, _, seed = choice.partition(":")
+        try:
+            value = int(seed or 0)
+        except ValueError:
+            raise WeightsError(f"random weights need an integer seed, got {choice!r}") from None
+        return ResolvedWeights(
+            npz_path=None, random_seed=value, source=f"random:{value}", pretrained=False, file_sha256=""
+        )
+    path = pathlib.Path(choice)
+    if not path.is_file():
+        raise WeightsError(f"weights file {choice!r} does not exist")
+    return ResolvedWeights(
+        npz_path=path, random_seed=None, source=f"npz:{path}", pretrained=True, file_sha256=sha256_file(path)
+    )
 
 
 if __name__ == "__main__":

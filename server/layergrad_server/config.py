@@ -7,6 +7,14 @@ import dataclasses
 import os
 
 from layergrad_server.images import ImageLimits
+from layergrad_server.models.repository import (
+    ModelConfig,
+    ModelConfigError,
+    check_unique,
+    default_models,
+    parse_model_flag,
+    read_repository,
+)
 
 MIB = 1 << 20
 
@@ -35,6 +43,8 @@ class ServerConfig:
 
     address: str = "127.0.0.1:50051"
     weights: str | None = None
+    # The models to serve, the default one first or marked; empty means VGG16 with ``weights``.
+    models: tuple[ModelConfig, ...] = ()
     max_unary_response_bytes: int = 64 * MIB
     stream_chunk_bytes: int = DEFAULT_STREAM_CHUNK_BYTES
     max_request_bytes: int = 64 * MIB
@@ -123,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = ServerConfig()
     parser = argparse.ArgumentParser(
         prog="layergrad-server",
-        description="Serve gradients of a Chainer VGG16 over gRPC. "
+        description="Serve gradients of Chainer networks (VGG16 by default) over gRPC. "
         "`layergrad-server weights --help` manages pretrained weights.",
     )
     parser.add_argument(
@@ -136,6 +146,28 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("WEIGHTS"),
         help="PATH.npz (Chainer VGG16Layers layout), PATH.caffemodel, 'auto' (cached or downloaded "
         "pretrained weights) or 'random:SEED'; default: cached pretrained weights, else random:0",
+    )
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        metavar="NAME[=WEIGHTS]",
+        help="serve a built-in model (vgg16, vgg19, googlenet, resnet50, resnet101, resnet152) under its "
+        "name, with weights as for --weights; repeat for several (the first is the default). "
+        "$LAYERGRAD_MODELS: a comma-separated list",
+    )
+    parser.add_argument(
+        "--model-repository",
+        default=_env("MODEL_REPOSITORY"),
+        metavar="DIR",
+        help="serve every DIR/NAME/model.yaml (or .toml): built-ins and your own Chainer models, "
+        "versioned weights in DIR/NAME/VERSION/ (see the README)",
+    )
+    parser.add_argument(
+        "--default-model",
+        default=_env("DEFAULT_MODEL"),
+        metavar="NAME",
+        help="the model a request without `model` gets (default: the first configured)",
     )
     parser.add_argument(
         "--device",
@@ -288,6 +320,33 @@ def listen_address(address: str) -> str:
     return f"{host}:{port}"
 
 
+def _models(args: argparse.Namespace) -> list[ModelConfig]:
+    """The configured models, checked; SystemExit naming what is wrong."""
+    flags = args.model
+    if flags is None and os.environ.get("LAYERGRAD_MODELS"):
+        flags = [item for item in os.environ["LAYERGRAD_MODELS"].split(",") if item.strip()]
+    try:
+        models = [parse_model_flag(flag) for flag in flags or ()]
+        if args.model_repository:
+            models += read_repository(args.model_repository)
+        if models and args.weights:
+            raise ModelConfigError(
+                "--weights sets the weights of the default VGG16 only; with --model or "
+                "--model-repository give each model its weights (--model vgg16=WEIGHTS)"
+            )
+        models = models or default_models(args.weights)
+        if args.default_model:
+            names = [m.name for m in models]
+            if args.default_model not in names:
+                raise ModelConfigError(
+                    f"--default-model {args.default_model!r} is not configured; models: {', '.join(names)}"
+                )
+            models = [dataclasses.replace(m, default=m.name == args.default_model) for m in models]
+        return check_unique(models)
+    except ModelConfigError as error:
+        raise SystemExit(f"layergrad-server: {error}") from None
+
+
 def from_args(args: argparse.Namespace) -> ServerConfig:
     """A config from parsed flags, checked for sane values."""
     for name in (
@@ -325,6 +384,7 @@ def from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         address=listen_address(args.address),
         weights=args.weights,
+        models=tuple(_models(args)),
         device=args.device,
         cpu_kernels=args.cpu_kernels,
         max_unary_response_bytes=args.max_unary_response_bytes,

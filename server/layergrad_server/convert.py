@@ -17,6 +17,7 @@ from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
 
 from layergrad_server import engine, images
 from layergrad_server.errors import InvalidArgument
+from layergrad_server.models import ModelAdapter
 
 DTYPES = {
     pb.DATA_TYPE_FLOAT32: np.dtype("<f4"),
@@ -39,6 +40,7 @@ KINDS = {
     engine.Kind.LAYER_GRADIENT: pb.TENSOR_KIND_LAYER_GRADIENT,
     engine.Kind.PARAMETER_GRADIENT: pb.TENSOR_KIND_PARAMETER_GRADIENT,
     engine.Kind.ACTIVATION: pb.TENSOR_KIND_ACTIVATION,
+    engine.Kind.LINK_GRADIENT: pb.TENSOR_KIND_LINK_GRADIENT,
 }
 
 MAX_DIMS = 8
@@ -114,17 +116,26 @@ def _dtype_name(value: int) -> str:
         return f"<unknown {value}>"
 
 
-def input_to_array(message: pb.Input, field: str, image_limits: images.ImageLimits) -> np.ndarray:
-    """One Input as a prepared float32 3x224x224 array (Chainer's ``vgg.prepare``)."""
+def input_to_array(
+    message: pb.Input, field: str, image_limits: images.ImageLimits, adapter: ModelAdapter | None = None
+) -> np.ndarray:
+    """One Input as the model's prepared float32 array (for VGG16, Chainer's ``vgg.prepare``)."""
+    adapter = adapter if adapter is not None else engine.DEFAULT_ADAPTER
+    spec = adapter.input_spec
     kind = message.WhichOneof("kind")
     if kind == "prepared":
         array = tensor_to_array(
             message.prepared, f"{field}.prepared", dtypes=[DTYPES[pb.DATA_TYPE_FLOAT32]], finite=True
         )
-        if array.shape != engine.INPUT_SHAPE:
+        if not spec.accepts(array.shape):
+            accepted = (
+                f"{list(spec.shape)}"
+                if spec.min_size is None
+                else f"[{spec.shape[0]}, H, W] with H >= {spec.min_size[0]}, W >= {spec.min_size[1]}"
+            )
             raise InvalidArgument(
-                f"a prepared input must have shape {list(engine.INPUT_SHAPE)} (CHW, BGR, mean subtracted), "
-                f"got {list(array.shape)}",
+                f"a prepared input of model {adapter.name} must have shape {accepted} ({spec.layout}, "
+                f"{spec.channel_order}, mean subtracted), got {list(array.shape)}",
                 field=f"{field}.prepared.shape",
                 reason="SHAPE_MISMATCH",
             )
@@ -142,13 +153,25 @@ def input_to_array(message: pb.Input, field: str, image_limits: images.ImageLimi
             field=field,
             reason="EMPTY_INPUT",
         )
-    return engine.Engine.prepare(image)
+    return adapter.prepare(image)
+
+
+def prepared_shape(messages: Sequence[pb.Input]) -> tuple[int, ...] | None:
+    """The shape every input declares when all are prepared tensors of one shape, else None
+    (read from the messages without decoding anything)."""
+    shapes = {tuple(m.prepared.shape) for m in messages if m.WhichOneof("kind") == "prepared"}
+    if len(shapes) != 1 or any(m.WhichOneof("kind") != "prepared" for m in messages):
+        return None
+    return shapes.pop()
 
 
 def inputs_to_batch(
-    messages: Sequence[pb.Input], image_limits: images.ImageLimits, max_batch_size: int
+    messages: Sequence[pb.Input],
+    adapter: ModelAdapter | None,
+    image_limits: images.ImageLimits,
+    max_batch_size: int,
 ) -> np.ndarray:
-    """The request's inputs as one prepared (N, 3, 224, 224) float32 batch."""
+    """The request's inputs as one prepared (N, *input shape) float32 batch (one shape for all)."""
     if not messages:
         raise InvalidArgument(
             "the batch is empty: send at least one input", field="inputs", reason="EMPTY_BATCH"
@@ -159,9 +182,19 @@ def inputs_to_batch(
             field="inputs",
             reason="BATCH_TOO_LARGE",
         )
-    batch = np.empty((len(messages), *engine.INPUT_SHAPE), dtype=np.float32)
-    for i, message in enumerate(messages):
-        batch[i] = input_to_array(message, f"inputs[{i}]", image_limits)
+    first = input_to_array(messages[0], "inputs[0]", image_limits, adapter)
+    batch = np.empty((len(messages), *first.shape), dtype=np.float32)
+    batch[0] = first
+    for i, message in enumerate(messages[1:], start=1):
+        array = input_to_array(message, f"inputs[{i}]", image_limits, adapter)
+        if array.shape != first.shape:
+            raise InvalidArgument(
+                f"every input of one request must have the same prepared shape: inputs[0] has "
+                f"{list(first.shape)}, inputs[{i}] {list(array.shape)}",
+                field=f"inputs[{i}]",
+                reason="SHAPE_MISMATCH",
+            )
+        batch[i] = array
     return batch
 
 
@@ -216,13 +249,14 @@ def output_dtype(value: int) -> np.dtype:
 
 def query_from_proto(
     request: pb.ComputeGradientsRequest | pb.StreamGradientsRequest | pb.ExportGradientsRequest,
+    adapter: ModelAdapter | None,
     image_limits: images.ImageLimits,
     max_batch_size: int,
 ) -> engine.GradientQuery:
     """A gradient request (unary, stream or export: same fields) as an engine query."""
     targets = request.targets
     return engine.GradientQuery(
-        inputs=inputs_to_batch(request.inputs, image_limits, max_batch_size),
+        inputs=inputs_to_batch(request.inputs, adapter, image_limits, max_batch_size),
         loss=loss_from_proto(request.loss),
         pattern=PATTERNS.get(request.pattern),
         parameters=tuple(targets.parameters),
@@ -230,6 +264,7 @@ def query_from_proto(
         layers=tuple(targets.layers),
         all_layers=targets.all_layers,
         input=targets.input,
+        links=tuple(targets.links),
         activations=tuple(request.activation_layers),
         output_dtype=output_dtype(request.output_dtype),
     )

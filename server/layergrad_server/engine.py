@@ -19,6 +19,7 @@ raises (the caller went away, the deadline passed) stops the computation there.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
 import hashlib
 import logging
@@ -32,7 +33,7 @@ import chainer.functions as F  # noqa: N812
 import numpy as np
 
 from layergrad_server.errors import InvalidArgument, names_hint, shown
-from layergrad_server.models import ModelAdapter, trace
+from layergrad_server.models import Description, ModelAdapter, trace
 from layergrad_server.models.base import ordered_params
 from layergrad_server.models.vision import VGG16, vgg16_random_npz
 
@@ -62,6 +63,7 @@ class Kind(enum.Enum):
 
     INPUT_GRADIENT = "input_gradient"
     LAYER_GRADIENT = "layer_gradient"
+    LINK_GRADIENT = "link_gradient"
     PARAMETER_GRADIENT = "parameter_gradient"
     ACTIVATION = "activation"
 
@@ -131,6 +133,7 @@ class GradientQuery:
     layers: Sequence[str] = ()
     all_layers: bool = False
     input: bool = False
+    links: Sequence[str] = ()
     activations: Sequence[str] = ()
     output_dtype: np.dtype = dataclasses.field(default_factory=lambda: np.dtype(np.float32))
 
@@ -158,6 +161,7 @@ class Plan:
     layers: tuple[str, ...]
     parameters: tuple[str, ...]
     results: tuple[ResultSpec, ...]
+    links: tuple[str, ...] = ()
 
     @property
     def result_bytes(self) -> int:
@@ -190,7 +194,7 @@ class ResultTensor:
 
 @dataclasses.dataclass(frozen=True)
 class GradientResult:
-    """Tensors in plan order (input, layers, parameters, activations) and the loss."""
+    """Tensors in plan order (input, layers, links, parameters, activations) and the loss."""
 
     tensors: list[ResultTensor]
     loss: float | None
@@ -262,6 +266,9 @@ class Engine:
         self.net.to_device(self.device)
         self.description = trace(self.adapter, self.net, device=self.device)
         self.input_shape: tuple[int, ...] = self.description.input_shape
+        # Descriptions at other input sizes (models that accept several), traced on first use.
+        self._descriptions: dict[tuple[int, ...], Description] = {self.input_shape: self.description}
+        self._link_index = {info.name: i for i, info in enumerate(self.description.links)}
         self.layer_names: tuple[str, ...] = self.adapter.layer_names
         self._layer_index = {name: i for i, name in enumerate(self.layer_names)}
         self._params = ordered_params(self.net, self.description)  # model order
@@ -307,6 +314,16 @@ class Engine:
         """
         return DEFAULT_ADAPTER.prepare(image)
 
+    def _forward_links(
+        self, x: chainer.Variable, layers: set[str], links: Sequence[str]
+    ) -> tuple[dict[str, chainer.Variable], dict[str, chainer.Variable]]:
+        """The forward computing ``layers``, with the outputs of the links at ``links`` captured."""
+        if not links:
+            return self._forward(x, layers), {}
+        ordered = sorted(set(layers), key=self._layer_index.__getitem__)
+        outputs = self.adapter.forward(self.net, x, ordered, links)
+        return outputs.layers, outputs.links
+
     def _forward(self, x: chainer.Variable, layers: Sequence[str]) -> dict[str, chainer.Variable]:
         """The model's forward computing ``layers`` (their union, in forward order)."""
         return self.adapter.forward_layers(
@@ -330,7 +347,43 @@ class Engine:
                 field="inputs",
                 reason="BATCH_TOO_LARGE",
             )
+        if not self.adapter.input_spec.accepts(inputs.shape[1:]):
+            raise InvalidArgument(
+                f"model {self.adapter.name} does not accept inputs of shape {list(inputs.shape[1:])}; "
+                f"{self.accepted_shapes()}",
+                field="inputs",
+                reason="SHAPE_MISMATCH",
+            )
         return int(inputs.shape[0])
+
+    def accepted_shapes(self) -> str:
+        """The prepared input shapes the model accepts, in words."""
+        spec = self.adapter.input_spec
+        if spec.min_size is None:
+            return f"it takes {list(spec.shape)}"
+        return f"it takes [{spec.shape[0]}, H, W] with H >= {spec.min_size[0]} and W >= {spec.min_size[1]}"
+
+    def describe(self, input_shape: Sequence[int]) -> Description:
+        """Layer and link shapes at one prepared input shape (traced once per shape, then cached)."""
+        key = tuple(int(n) for n in input_shape)
+        description = self._descriptions.get(key)
+        if description is None:
+            with self._lock:
+                description = trace(self.adapter, self.net, size=key[1:], device=self.device)
+            if len(self._descriptions) >= 16:  # a few sizes stay known; the default one always
+                for old in list(self._descriptions)[1:2]:
+                    del self._descriptions[old]
+            self._descriptions[key] = description
+        return description
+
+    def _check_link(self, path: str, field: str) -> str:
+        if path not in self._link_index:
+            message = f"unknown link {shown(path)}" if path else "no link given"
+            close = difflib.get_close_matches(path, list(self._link_index), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            hint += names_hint("links", list(self._link_index))
+            raise InvalidArgument(f"{message}; {hint}", field=field, reason="UNKNOWN_LINK")
+        return path
 
     def _check_layer(self, name: str, field: str) -> str:
         if name not in self._layer_index:
@@ -365,7 +418,7 @@ class Engine:
             )
 
     def _check_vector_layer(self, layer: str, field: str) -> int:
-        shape = self.layer_shapes[layer]
+        shape = self.layer_shapes[layer]  # 1-D outputs do not depend on the input size
         if len(shape) != 1:
             vector_layers = [n for n in self.layer_names if len(self.layer_shapes[n]) == 1]
             raise InvalidArgument(
@@ -376,8 +429,10 @@ class Engine:
             )
         return shape[0]
 
-    def _check_tensor_shape(self, array: np.ndarray, layer: str, batch: int, field: str) -> None:
-        expected = (batch, *self.layer_shapes[layer])
+    def _check_tensor_shape(
+        self, array: np.ndarray, layer: str, batch: int, field: str, description: Description
+    ) -> None:
+        expected = (batch, *description.layer(layer).shape)
         if array.shape != expected:
             raise InvalidArgument(
                 f"shape {list(array.shape)} does not match layer {layer!r} output {list(expected)} "
@@ -386,7 +441,7 @@ class Engine:
                 reason="SHAPE_MISMATCH",
             )
 
-    def _check_loss(self, loss: Loss | None, batch: int) -> str:
+    def _check_loss(self, loss: Loss | None, batch: int, description: Description) -> str:
         """Validates the loss; returns the layer it is computed on."""
         if loss is None:
             raise InvalidArgument(
@@ -417,18 +472,19 @@ class Engine:
                     reason="AMBIGUOUS_TARGET",
                 )
             if loss.target is not None:
-                self._check_tensor_shape(loss.target, layer, batch, f"{field}.target")
+                self._check_tensor_shape(loss.target, layer, batch, f"{field}.target", description)
             else:
                 width = self._check_vector_layer(layer, f"{field}.layer")
                 self._check_classes(loss.target_classes, batch, width, f"{field}.target_classes")
         elif isinstance(loss, UpstreamGradient):
-            self._check_tensor_shape(loss.gradient, layer, batch, f"{field}.gradient")
+            self._check_tensor_shape(loss.gradient, layer, batch, f"{field}.gradient", description)
         return layer
 
     def plan(self, query: GradientQuery) -> Plan:
         """Validates ``query`` and lists the tensors it returns; computes nothing."""
         batch = self._check_batch(query.inputs)
-        loss_layer = self._check_loss(query.loss, batch)
+        description = self.describe(query.inputs.shape[1:])
+        loss_layer = self._check_loss(query.loss, batch, description)
         if query.pattern is None:
             raise InvalidArgument(
                 "no backward pattern given: BACKWARD, BACKWARD_RETAIN_GRAD or GRAD",
@@ -451,13 +507,25 @@ class Engine:
                     field="targets.layers",
                     reason="LAYER_AFTER_LOSS",
                 )
-        if layers and query.pattern is Pattern.BACKWARD:
-            raise InvalidArgument(
-                "BACKWARD (loss.backward()) does not keep intermediate layers' gradients (Chainer "
-                "leaves their .grad None); use BACKWARD_RETAIN_GRAD or GRAD for layer gradients",
-                field="targets.layers",
-                reason="PATTERN_TARGET_CONFLICT",
-            )
+        links = tuple(dict.fromkeys(self._check_link(p, "targets.links") for p in query.links))
+        for path in links:
+            if not self.description.loss_depends_on_link(loss_layer, path):
+                raise InvalidArgument(
+                    f"the loss on layer {loss_layer!r} does not depend on link {path!r}'s output (it is "
+                    "computed after the loss layer or off its branch)",
+                    field="targets.links",
+                    reason="LINK_AFTER_LOSS",
+                )
+        links = tuple(sorted(links, key=self._link_index.__getitem__))
+        for targets, field in ((layers, "targets.layers"), (links, "targets.links")):
+            if targets and query.pattern is Pattern.BACKWARD:
+                raise InvalidArgument(
+                    "BACKWARD (loss.backward()) does not keep intermediate outputs' gradients (Chainer "
+                    "leaves their .grad None); use BACKWARD_RETAIN_GRAD or GRAD for layer and link "
+                    "gradients",
+                    field=field,
+                    reason="PATTERN_TARGET_CONFLICT",
+                )
         if query.all_parameters:
             parameters = self.parameter_names
         else:
@@ -468,28 +536,31 @@ class Engine:
             dict.fromkeys(self._check_layer(n, "activation_layers") for n in query.activations)
         )
         activations = tuple(sorted(activations, key=self._layer_index.__getitem__))
-        if not (query.input or layers or parameters):
+        if not (query.input or layers or links or parameters):
             raise InvalidArgument(
                 "no gradient requested: set targets.input, targets.layers, targets.all_layers, "
-                "targets.parameters or targets.all_parameters",
+                "targets.links, targets.parameters or targets.all_parameters",
                 field="targets",
                 reason="NO_TARGETS",
             )
         dtype = query.output_dtype
         results: list[ResultSpec] = []
         if query.input:
-            results.append(ResultSpec(INPUT_NAME, Kind.INPUT_GRADIENT, (batch, *self.input_shape), dtype))
+            results.append(ResultSpec(INPUT_NAME, Kind.INPUT_GRADIENT, tuple(query.inputs.shape), dtype))
         results += [
-            ResultSpec(n, Kind.LAYER_GRADIENT, (batch, *self.layer_shapes[n]), dtype)
+            ResultSpec(n, Kind.LAYER_GRADIENT, (batch, *description.layer(n).shape), dtype)
             for n in sorted(layers, key=self._layer_index.__getitem__)
+        ]
+        results += [
+            ResultSpec(p, Kind.LINK_GRADIENT, (batch, *description.link(p).shape), dtype) for p in links
         ]
         results += [
             ResultSpec(n, Kind.PARAMETER_GRADIENT, tuple(self._params[n].shape), dtype) for n in parameters
         ]
         results += [
-            ResultSpec(n, Kind.ACTIVATION, (batch, *self.layer_shapes[n]), dtype) for n in activations
+            ResultSpec(n, Kind.ACTIVATION, (batch, *description.layer(n).shape), dtype) for n in activations
         ]
-        return Plan(query, loss_layer, layers, parameters, tuple(results))
+        return Plan(query, loss_layer, layers, parameters, tuple(results), links)
 
     def check_predict(
         self, inputs: np.ndarray, layers: Sequence[str], output_dtype: np.dtype
@@ -505,13 +576,32 @@ class Engine:
         )
         return tuple(sorted(names, key=self._layer_index.__getitem__))
 
-    def predict_bytes(self, batch: int, layers: Sequence[str], output_dtype: np.dtype) -> int:
-        """The size of a Predict result of ``batch`` inputs, before any input is decoded."""
+    def predict_bytes(
+        self,
+        batch: int,
+        layers: Sequence[str],
+        output_dtype: np.dtype,
+        input_shape: Sequence[int] | None = None,
+    ) -> int:
+        """The size of a Predict result of ``batch`` inputs, before any input is decoded.
+
+        ``input_shape`` is the prepared shape of the inputs when the caller knows it
+        (prepared tensors), else the model's default."""
         names = dict.fromkeys(
             self._check_layer(n, "layers") for n in (layers or [self.adapter.default_output])
         )
+        shapes = self.layer_shapes
+        if input_shape is not None and tuple(input_shape) != self.input_shape:
+            if not self.adapter.input_spec.accepts(input_shape):
+                raise InvalidArgument(
+                    f"model {self.adapter.name} does not accept inputs of shape {list(input_shape)}; "
+                    f"{self.accepted_shapes()}",
+                    field="inputs",
+                    reason="SHAPE_MISMATCH",
+                )
+            shapes = {info.name: info.shape for info in self.describe(input_shape).layers}
         itemsize = np.dtype(output_dtype).itemsize
-        return sum(batch * math.prod(self.layer_shapes[n]) * itemsize for n in names)
+        return sum(batch * math.prod(shapes[n]) * itemsize for n in names)
 
     # ---- compute ---------------------------------------------------------------
 
@@ -554,12 +644,12 @@ class Engine:
         ):
             x = chainer.Variable(self.device.send(query.inputs))
             wanted = {plan.loss_layer, *plan.layers, *query.activations}
-            acts = self._forward(x, wanted)
+            acts, link_outputs = self._forward_links(x, wanted, plan.links)
             root, root_grad, loss_value = self._objective(query.loss, acts[plan.loss_layer])
             if query.pattern is Pattern.GRAD:
-                grads = self._run_grad(plan, x, acts, root, root_grad)
+                grads = self._run_grad(plan, x, acts, link_outputs, root, root_grad)
             else:
-                grads = self._run_backward(plan, x, acts, root, root_grad)
+                grads = self._run_backward(plan, x, acts, link_outputs, root, root_grad)
             arrays = [
                 _to_host(acts[spec.name].array if spec.kind is Kind.ACTIVATION else grads[spec.name])
                 for spec in plan.results
@@ -599,6 +689,7 @@ class Engine:
         plan: Plan,
         x: chainer.Variable,
         acts: dict[str, chainer.Variable],
+        link_outputs: dict[str, chainer.Variable],
         root: chainer.Variable,
         root_grad: np.ndarray | None,
     ) -> dict[str, np.ndarray]:
@@ -611,6 +702,7 @@ class Engine:
             root.backward(retain_grad=retain)
             grads = {INPUT_NAME: x.grad}
             grads.update({name: acts[name].grad for name in plan.layers})
+            grads.update({path: _grad_or_zeros(link_outputs[path]) for path in plan.links})
             grads.update({name: self._param_grad(name) for name in plan.parameters})
         finally:
             # The arrays are ours now; the next request starts from cleared grads.
@@ -626,13 +718,16 @@ class Engine:
         plan: Plan,
         x: chainer.Variable,
         acts: dict[str, chainer.Variable],
+        link_outputs: dict[str, chainer.Variable],
         root: chainer.Variable,
         root_grad: np.ndarray | None,
     ) -> dict[str, np.ndarray]:
         """Pattern 3: ``chainer.grad([loss], [targets])``; parameters' ``.grad`` is untouched."""
-        names = ([INPUT_NAME] if plan.query.input else []) + list(plan.layers) + list(plan.parameters)
+        names = [INPUT_NAME] if plan.query.input else []
+        names += list(plan.layers) + list(plan.links) + list(plan.parameters)
         variables = [x] if plan.query.input else []
-        variables += [acts[n] for n in plan.layers] + [self._params[n] for n in plan.parameters]
+        variables += [acts[n] for n in plan.layers] + [link_outputs[p] for p in plan.links]
+        variables += [self._params[n] for n in plan.parameters]
         grad_outputs = None if root_grad is None else [chainer.Variable(root_grad)]
         results = chainer.grad([root], variables, grad_outputs=grad_outputs)
         grads = {}
@@ -644,6 +739,11 @@ class Engine:
             else:
                 grads[name] = self.device.xp.zeros_like(variable.array)
         return grads
+
+
+def _grad_or_zeros(variable: chainer.Variable) -> object:
+    """A retained output's gradient (zeros where the loss did not reach it)."""
+    return variable.grad if variable.grad is not None else variable.xp.zeros_like(variable.array)
 
 
 def _to_host(array: object) -> np.ndarray:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -24,6 +25,8 @@ from layergrad_server.auth import TokenStore
 from layergrad_server.config import MIB, ServerConfig
 from layergrad_server.engine import Engine, WeightsSource
 from layergrad_server.handlers import Handlers
+from layergrad_server.models.repository import ModelConfig, default_models
+from layergrad_server.registry import ModelEntry, ModelState, Registry
 from layergrad_server.servicer import GradientServicer
 
 if TYPE_CHECKING:
@@ -119,6 +122,11 @@ def add_gradient_service(
             dispatcher.annotate(servicer.GetModelInfo) if dispatcher else servicer.GetModelInfo,
             pb.GetModelInfoRequest,
         ),
+        "ListModels": handlers.unary(
+            "ListModels",
+            dispatcher.annotate(servicer.ListModels) if dispatcher else servicer.ListModels,
+            pb.ListModelsRequest,
+        ),
     }
     missing = set(pb.DESCRIPTOR.services_by_name["GradientService"].methods_by_name) - set(methods)
     if missing:
@@ -138,25 +146,45 @@ def apply_cpu_kernels(choice: str, model: Engine) -> str:
     return choice
 
 
-def load_model(config: ServerConfig, weights: WeightsSource) -> Engine:
-    """The model on the configured device, after one warm-up backward pass."""
+def load_model(config: ServerConfig, weights: WeightsSource, model: ModelConfig | None = None) -> Engine:
+    """A model (default: VGG16) on the configured device, after one warm-up backward pass."""
+    model = model or default_models(None)[0]
     started = time.perf_counter()
-    model = Engine(weights, max_batch_size=config.max_batch_size, device=config.device)
-    cpu_kernels = apply_cpu_kernels(config.cpu_kernels, model)
+    rss_before = resident_bytes()
+    adapter = model.adapter()
+    engine = Engine(weights, adapter=adapter, max_batch_size=config.max_batch_size, device=config.device)
+    cpu_kernels = apply_cpu_kernels(config.cpu_kernels, engine)
     loaded = time.perf_counter()
-    model.warm_up()
+    engine.warm_up()
     logger.info(
-        "loaded VGG16 weights=%s pretrained=%s file_sha256=%s parameters_sha256=%s cpu_kernels=%s "
-        "load=%.2fs warm_up=%.2fs",
+        "loaded model %s (%s, version %s) weights=%s pretrained=%s file_sha256=%s parameters_sha256=%s "
+        "cpu_kernels=%s load=%.2fs warm_up=%.2fs resident=+%.0fMiB",
+        model.name,
+        adapter.name,
+        model.version,
         weights.source,
         weights.pretrained,
         weights.file_sha256 or "-",
-        model.parameters_sha256,
+        engine.parameters_sha256,
         cpu_kernels,
         loaded - started,
         time.perf_counter() - loaded,
+        max(resident_bytes() - rss_before, 0) / MIB,
     )
-    return model
+    return engine
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+#: Health service name of one model: "layergrad.model.<name>".
+MODEL_HEALTH_PREFIX = "layergrad.model."
 
 
 class GradientServer:
@@ -190,8 +218,10 @@ class GradientServer:
         if config.worker_dir is not None and config.worker_index is not None:
             self._join_worker_group(config)
         self.admission = Admission(config.compute_slots, config.max_queue)
-        self._servicer = GradientServicer(config, self.admission)
+        self.models = Registry()
+        self._servicer = GradientServicer(config, self.admission, self.models)
         self._health = health_async.HealthServicer()
+        self.models.on_change(self._model_changed)
         handlers = Handlers(self._executor, self._loop, tokens, f"/{SERVICE_NAME}/", config.stall_seconds)
         add_gradient_service(self._servicer, self._server, handlers, self.dispatcher)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
@@ -287,18 +317,39 @@ class GradientServer:
         )
 
     def load(self, weights: WeightsSource) -> Engine:
-        """Loads the model, runs one warm-up backward pass, then starts serving it."""
+        """Loads the default model, runs one warm-up backward pass, then starts serving it."""
         model = load_model(self.config, weights)
         self.attach(model)
         return model
 
-    def attach(self, model: Engine) -> None:
-        """Serves an already warmed-up model."""
-        self._servicer.attach(model)
-        self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        self._attached = True
-        if self._started and self.dispatcher is not None:
-            self.dispatcher.open()
+    def expect(self, models: list[ModelConfig]) -> None:
+        """Registers the models about to load: calls naming them are UNAVAILABLE until then."""
+        for model in models:
+            self.models.add(model.name, model.version, model.display_architecture, default=model.default)
+
+    def attach(self, model: Engine, name: str | None = None) -> None:
+        """Serves an already warmed-up model (under ``name``, default its architecture's)."""
+        self._servicer.attach(model, name)
+
+    def fail(self, name: str, message: str) -> None:
+        """Reports that a model could not be loaded; the others keep serving."""
+        self.models.failed(name, message)
+
+    def _model_changed(self, entry: ModelEntry) -> None:
+        serving = health_pb2.HealthCheckResponse.SERVING
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        status = serving if entry.state is ModelState.READY else not_serving
+        self._on_loop(self._health.set(MODEL_HEALTH_PREFIX + entry.name, status))
+        default_ready = entry.name == self.models.default and entry.state is ModelState.READY
+        settled = self.models.all_settled() and any(
+            e.state is ModelState.READY for e in self.models.entries()
+        )
+        if (default_ready or settled) and not self._attached:
+            # Ready once the default model is, or once no model is loading and one serves.
+            self._set_health(serving)
+            self._attached = True
+            if self._started and self.dispatcher is not None:
+                self.dispatcher.open()
 
     def _set_health(self, status: int) -> None:
         self._on_loop(self._health.set("", status))

@@ -19,7 +19,8 @@ from layergrad._gen.layergrad.v1 import gradient_service_pb2_grpc as pb_grpc
 from layergrad_server import __version__, convert, engine
 from layergrad_server.admission import Admission, AdmittedCall
 from layergrad_server.config import ServerConfig
-from layergrad_server.errors import FailedPrecondition, ResultTooLarge, Unavailable
+from layergrad_server.errors import FailedPrecondition, ResultTooLarge
+from layergrad_server.registry import ModelState, Registry
 from layergrad_server.shm import RegionMaps, check_region
 
 logger = logging.getLogger(__name__)
@@ -35,14 +36,20 @@ FRAMES_AHEAD = 4
 SERVER_TIMING_KEY = "server-timing"
 
 
-class GradientServicer(pb_grpc.GradientServiceServicer):
-    """Serves one ``Engine``."""
+_STATES = {
+    ModelState.LOADING: pb.MODEL_STATE_LOADING,
+    ModelState.READY: pb.MODEL_STATE_READY,
+    ModelState.FAILED: pb.MODEL_STATE_FAILED,
+}
 
-    def __init__(self, config: ServerConfig, admission: Admission) -> None:
+
+class GradientServicer(pb_grpc.GradientServiceServicer):
+    """Serves the engines of a model ``Registry``; each call names its model."""
+
+    def __init__(self, config: ServerConfig, admission: Admission, models: Registry | None = None) -> None:
         self._config = config
         self._admission = admission
-        self._engine: engine.Engine | None = None
-        self._model_info: pb.GetModelInfoResponse | None = None
+        self.models = models if models is not None else Registry()
         self._regions = RegionMaps() if config.shared_memory else None
 
     def close(self) -> None:
@@ -50,21 +57,25 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         if self._regions is not None:
             self._regions.close()
 
-    def attach(self, model: engine.Engine) -> None:
-        """Starts serving ``model``; until then every call is UNAVAILABLE."""
-        self._model_info = self._describe(model)
-        self._engine = model
+    def attach(self, model: engine.Engine, name: str | None = None, *, default: bool = False) -> None:
+        """Starts serving ``model`` under ``name`` (default: its architecture in lower case);
+        until then calls naming it are UNAVAILABLE (MODEL_LOADING)."""
+        name = name or model.adapter.name.lower()
+        if name not in {entry.name for entry in self.models.entries()}:
+            self.models.add(name, model.adapter.version, model.adapter.name, default=default)
+        entry = self.models.entry(name)
+        self.models.ready(name, model, model.weights.source, self._describe(name, entry.version, model))
 
-    @property
-    def _model(self) -> engine.Engine:
-        if self._engine is None:
-            raise Unavailable("the model is still loading; retry shortly", reason="MODEL_LOADING")
-        return self._engine
+    def _model(self, request: object) -> engine.Engine:
+        """The engine of the model ``request`` names (``model``, ``model_version``)."""
+        found = self.models.get(request.model, request.model_version)
+        assert found.engine is not None
+        return found.engine
 
     def ComputeGradients(  # noqa: N802
         self, request: pb.ComputeGradientsRequest, context: grpc.ServicerContext
     ) -> pb.ComputeGradientsResponse:
-        model = self._model
+        model = self._model(request)
         with self._admit(cost_kind(request), request, context) as call:
             plan = self._plan(model, request)
             if plan.result_bytes > self._config.max_unary_response_bytes:
@@ -82,7 +93,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         self, request: pb.StreamGradientsRequest, context: grpc.ServicerContext
     ) -> Iterator[bytes]:
         """Yields serialized StreamGradientsResponse messages (see ``convert.gradient_frames``)."""
-        model = self._model
+        model = self._model(request)
         with self._admit(cost_kind(request), request, context) as call:
             plan = self._plan(model, request)
             with call.computing():
@@ -118,7 +129,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
                 reason="SHARED_MEMORY_NOT_LOCAL",
             )
         region = check_region(request)
-        model = self._model
+        model = self._model(request)
         with self._admit(cost_kind(request), request, context) as call:
             plan = self._plan(model, request)
             with self._regions.lease(region, plan.results) as target:
@@ -149,10 +160,12 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         return response
 
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:  # noqa: N802
-        model = self._model
+        model = self._model(request)
         with self._admit(cost_kind(request), request, context) as call:
             dtype = convert.output_dtype(request.output_dtype)
-            size = model.predict_bytes(len(request.inputs), request.layers, dtype)
+            size = model.predict_bytes(
+                len(request.inputs), request.layers, dtype, convert.prepared_shape(request.inputs)
+            )
             if size > self._config.max_unary_response_bytes:
                 raise ResultTooLarge(
                     f"the result is {size} bytes, above the unary limit of "
@@ -162,7 +175,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
                     reason="USE_STREAM_GRADIENTS",
                 )
             batch = convert.inputs_to_batch(
-                request.inputs, self._config.image_limits, self._config.max_batch_size
+                request.inputs, model.adapter, self._config.image_limits, self._config.max_batch_size
             )
             with call.computing():
                 result = model.predict(batch, tuple(request.layers), dtype, checkpoint=call.checkpoint)
@@ -171,9 +184,25 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
     def GetModelInfo(  # noqa: N802
         self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext
     ) -> pb.GetModelInfoResponse:
-        if self._model_info is None:
-            raise Unavailable("the model is still loading; retry shortly", reason="MODEL_LOADING")
-        return self._model_info
+        return self.models.get(request.model, request.model_version).described
+
+    def ListModels(  # noqa: N802
+        self, request: pb.ListModelsRequest, context: grpc.ServicerContext
+    ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(
+            models=[
+                pb.ModelStatus(
+                    name=entry.name,
+                    version=entry.version,
+                    state=_STATES[entry.state],
+                    architecture=entry.architecture,
+                    message=entry.message,
+                    weights_source=entry.weights_source,
+                )
+                for entry in self.models.entries()
+            ],
+            default_model=self.models.default,
+        )
 
     def _admit(
         self,
@@ -194,22 +223,35 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         model: engine.Engine,
         request: pb.ComputeGradientsRequest | pb.StreamGradientsRequest | pb.ExportGradientsRequest,
     ) -> engine.Plan:
-        query = convert.query_from_proto(request, self._config.image_limits, self._config.max_batch_size)
+        query = convert.query_from_proto(
+            request, model.adapter, self._config.image_limits, self._config.max_batch_size
+        )
         return model.plan(query)
 
-    def _describe(self, model: engine.Engine) -> pb.GetModelInfoResponse:
+    def _describe(self, name: str, version: str, model: engine.Engine) -> pb.GetModelInfoResponse:
         weights = model.weights
+        adapter = model.adapter
+        spec = adapter.input_spec
+        labels = adapter.labels() or ()
         return pb.GetModelInfoResponse(
-            model_name=engine.MODEL_NAME,
+            model_name=adapter.name,
+            model=name,
+            model_version=version,
             input_spec=pb.InputSpec(
-                shape=engine.INPUT_SHAPE,
+                shape=spec.shape,
                 dtype=pb.DATA_TYPE_FLOAT32,
-                layout="CHW",
-                channel_order="BGR",
-                mean=engine.MEAN_BGR,
+                layout=spec.layout,
+                channel_order=spec.channel_order,
+                mean=spec.mean,
                 image_formats=self._config.image_limits.formats,
+                min_size=spec.min_size or (),
+                resize=adapter.resize,
             ),
+            labels=labels,
+            logits_layer=adapter.logits_layer or "",
+            probability_layer=adapter.probability_layer or "",
             layers=[pb.LayerInfo(name=name, output_shape=shape) for name, shape in model.layer_info()],
+            links=[pb.LayerInfo(name=info.name, output_shape=info.shape) for info in model.description.links],
             parameters=[
                 pb.ParameterInfo(name=name, shape=shape, dtype=convert.dtype_enum(dtype))
                 for name, shape, dtype in model.parameter_info()

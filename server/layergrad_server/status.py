@@ -90,7 +90,7 @@ def required_scopes(method: str, request: Any) -> set[str]:
         targets = request.targets
         return auth.gradient_scopes(
             input=targets.input,
-            layers=bool(targets.layers) or targets.all_layers,
+            layers=bool(targets.layers) or targets.all_layers or bool(targets.links),
             parameters=bool(targets.parameters) or targets.all_parameters,
             activations=bool(request.activation_layers),
         )

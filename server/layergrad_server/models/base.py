@@ -164,6 +164,8 @@ class ModelAdapter(abc.ABC):
     probability_layer: str | None = None
     #: The layer ``predict`` returns when none is asked for.
     default_output: str = ""
+    #: How :meth:`prepare` resizes: "bicubic" (Pillow's default filter) or "custom".
+    resize: str = "bicubic"
 
     # ---- building --------------------------------------------------------------
 

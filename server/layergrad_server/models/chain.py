@@ -103,6 +103,7 @@ class ChainAdapter(ModelAdapter):
         self._preprocess: Callable[..., np.ndarray] | None = (
             None if config.preprocess == "caffe" else import_object(config.preprocess)
         )
+        self.resize = "bicubic" if self._preprocess is None else "custom"
         self._labels = _read_labels(config.labels_file) if config.labels_file is not None else None
 
     def skeleton(self) -> chainer.Link:

@@ -179,6 +179,25 @@ BUILTINS: Mapping[str, type[BuiltinAdapter]] = {
 DEFAULT_MODEL = "VGG16"
 
 
+#: The npz key that marks a file of seeded random weights (its value: the seed); Chainer's
+#: loaders ignore it, and the server reports such weights as not pretrained.
+RANDOM_SEED_KEY = "layergrad_random_seed"
+
+
+def random_seed_of(path: str | os.PathLike[str]) -> int | None:
+    """The seed recorded in an npz of random weights (:func:`vgg16_random_npz`), else None."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if f"{RANDOM_SEED_KEY}.npy" not in archive.namelist():
+                return None
+            with archive.open(f"{RANDOM_SEED_KEY}.npy") as stream:
+                return int(np.lib.format.read_array(stream))
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return None
+
+
 def vgg16_random_npz(seed: int) -> io.BytesIO:
     """Deterministic He-normal weights and small biases for every VGG16 parameter, as an npz.
 
@@ -186,7 +205,8 @@ def vgg16_random_npz(seed: int) -> io.BytesIO:
     values minus the mean, roughly -128..128) to unit scale, so activations stay
     moderate through the network and the softmax is not saturated: gradients
     of every loss are informative. Written in Chainer's VGG16Layers npz layout
-    so it loads through the same ``load_npz`` path as a weights file.
+    so it loads through the same ``load_npz`` path as a weights file, with the seed under
+    :data:`RANDOM_SEED_KEY` so that a file of it is reported as random, not pretrained.
     """
     from layergrad_server.weights.convert import VGG16_LAYOUT
 
@@ -199,6 +219,7 @@ def vgg16_random_npz(seed: int) -> io.BytesIO:
             arrays[name] = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
         else:
             arrays[name] = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.01)
+    arrays[RANDOM_SEED_KEY] = np.array(seed, dtype=np.int64)
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     buffer.seek(0)

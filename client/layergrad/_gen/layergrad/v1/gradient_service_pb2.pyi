@@ -32,6 +32,14 @@ class TensorKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TENSOR_KIND_LAYER_GRADIENT: _ClassVar[TensorKind]
     TENSOR_KIND_PARAMETER_GRADIENT: _ClassVar[TensorKind]
     TENSOR_KIND_ACTIVATION: _ClassVar[TensorKind]
+    TENSOR_KIND_LINK_GRADIENT: _ClassVar[TensorKind]
+
+class ModelState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODEL_STATE_UNSPECIFIED: _ClassVar[ModelState]
+    MODEL_STATE_LOADING: _ClassVar[ModelState]
+    MODEL_STATE_READY: _ClassVar[ModelState]
+    MODEL_STATE_FAILED: _ClassVar[ModelState]
 DATA_TYPE_UNSPECIFIED: DataType
 DATA_TYPE_FLOAT32: DataType
 DATA_TYPE_FLOAT16: DataType
@@ -48,6 +56,11 @@ TENSOR_KIND_INPUT_GRADIENT: TensorKind
 TENSOR_KIND_LAYER_GRADIENT: TensorKind
 TENSOR_KIND_PARAMETER_GRADIENT: TensorKind
 TENSOR_KIND_ACTIVATION: TensorKind
+TENSOR_KIND_LINK_GRADIENT: TensorKind
+MODEL_STATE_UNSPECIFIED: ModelState
+MODEL_STATE_LOADING: ModelState
+MODEL_STATE_READY: ModelState
+MODEL_STATE_FAILED: ModelState
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
@@ -122,18 +135,20 @@ class UpstreamGradient(_message.Message):
     def __init__(self, layer: _Optional[str] = ..., gradient: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class GradientTargets(_message.Message):
-    __slots__ = ("parameters", "all_parameters", "layers", "all_layers", "input")
+    __slots__ = ("parameters", "all_parameters", "layers", "all_layers", "input", "links")
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     ALL_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     ALL_LAYERS_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
+    LINKS_FIELD_NUMBER: _ClassVar[int]
     parameters: _containers.RepeatedScalarFieldContainer[str]
     all_parameters: bool
     layers: _containers.RepeatedScalarFieldContainer[str]
     all_layers: bool
     input: bool
-    def __init__(self, parameters: _Optional[_Iterable[str]] = ..., all_parameters: _Optional[bool] = ..., layers: _Optional[_Iterable[str]] = ..., all_layers: _Optional[bool] = ..., input: _Optional[bool] = ...) -> None: ...
+    links: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, parameters: _Optional[_Iterable[str]] = ..., all_parameters: _Optional[bool] = ..., layers: _Optional[_Iterable[str]] = ..., all_layers: _Optional[bool] = ..., input: _Optional[bool] = ..., links: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class NamedTensor(_message.Message):
     __slots__ = ("name", "kind", "tensor")
@@ -146,20 +161,24 @@ class NamedTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[TensorKind, str]] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ComputeGradientsRequest(_message.Message):
-    __slots__ = ("inputs", "loss", "pattern", "targets", "activation_layers", "output_dtype")
+    __slots__ = ("inputs", "loss", "pattern", "targets", "activation_layers", "output_dtype", "model", "model_version")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     PATTERN_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
     ACTIVATION_LAYERS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     inputs: _containers.RepeatedCompositeFieldContainer[Input]
     loss: Loss
     pattern: BackwardPattern
     targets: GradientTargets
     activation_layers: _containers.RepeatedScalarFieldContainer[str]
     output_dtype: DataType
-    def __init__(self, inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., loss: _Optional[_Union[Loss, _Mapping]] = ..., pattern: _Optional[_Union[BackwardPattern, str]] = ..., targets: _Optional[_Union[GradientTargets, _Mapping]] = ..., activation_layers: _Optional[_Iterable[str]] = ..., output_dtype: _Optional[_Union[DataType, str]] = ...) -> None: ...
+    model: str
+    model_version: str
+    def __init__(self, inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., loss: _Optional[_Union[Loss, _Mapping]] = ..., pattern: _Optional[_Union[BackwardPattern, str]] = ..., targets: _Optional[_Union[GradientTargets, _Mapping]] = ..., activation_layers: _Optional[_Iterable[str]] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class ComputeGradientsResponse(_message.Message):
     __slots__ = ("gradients", "activations", "loss")
@@ -172,20 +191,24 @@ class ComputeGradientsResponse(_message.Message):
     def __init__(self, gradients: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., activations: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., loss: _Optional[float] = ...) -> None: ...
 
 class StreamGradientsRequest(_message.Message):
-    __slots__ = ("inputs", "loss", "pattern", "targets", "activation_layers", "output_dtype")
+    __slots__ = ("inputs", "loss", "pattern", "targets", "activation_layers", "output_dtype", "model", "model_version")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     PATTERN_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
     ACTIVATION_LAYERS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     inputs: _containers.RepeatedCompositeFieldContainer[Input]
     loss: Loss
     pattern: BackwardPattern
     targets: GradientTargets
     activation_layers: _containers.RepeatedScalarFieldContainer[str]
     output_dtype: DataType
-    def __init__(self, inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., loss: _Optional[_Union[Loss, _Mapping]] = ..., pattern: _Optional[_Union[BackwardPattern, str]] = ..., targets: _Optional[_Union[GradientTargets, _Mapping]] = ..., activation_layers: _Optional[_Iterable[str]] = ..., output_dtype: _Optional[_Union[DataType, str]] = ...) -> None: ...
+    model: str
+    model_version: str
+    def __init__(self, inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., loss: _Optional[_Union[Loss, _Mapping]] = ..., pattern: _Optional[_Union[BackwardPattern, str]] = ..., targets: _Optional[_Union[GradientTargets, _Mapping]] = ..., activation_layers: _Optional[_Iterable[str]] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class StreamGradientsResponse(_message.Message):
     __slots__ = ("name", "kind", "dtype", "shape", "offset", "data", "loss")
@@ -216,7 +239,7 @@ class SharedMemoryRegion(_message.Message):
     def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
 
 class ExportGradientsRequest(_message.Message):
-    __slots__ = ("inputs", "loss", "pattern", "targets", "activation_layers", "output_dtype", "region")
+    __slots__ = ("inputs", "loss", "pattern", "targets", "activation_layers", "output_dtype", "region", "model", "model_version")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     PATTERN_FIELD_NUMBER: _ClassVar[int]
@@ -224,6 +247,8 @@ class ExportGradientsRequest(_message.Message):
     ACTIVATION_LAYERS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     inputs: _containers.RepeatedCompositeFieldContainer[Input]
     loss: Loss
     pattern: BackwardPattern
@@ -231,7 +256,9 @@ class ExportGradientsRequest(_message.Message):
     activation_layers: _containers.RepeatedScalarFieldContainer[str]
     output_dtype: DataType
     region: SharedMemoryRegion
-    def __init__(self, inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., loss: _Optional[_Union[Loss, _Mapping]] = ..., pattern: _Optional[_Union[BackwardPattern, str]] = ..., targets: _Optional[_Union[GradientTargets, _Mapping]] = ..., activation_layers: _Optional[_Iterable[str]] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., region: _Optional[_Union[SharedMemoryRegion, _Mapping]] = ...) -> None: ...
+    model: str
+    model_version: str
+    def __init__(self, inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., loss: _Optional[_Union[Loss, _Mapping]] = ..., pattern: _Optional[_Union[BackwardPattern, str]] = ..., targets: _Optional[_Union[GradientTargets, _Mapping]] = ..., activation_layers: _Optional[_Iterable[str]] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., region: _Optional[_Union[SharedMemoryRegion, _Mapping]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class TensorRef(_message.Message):
     __slots__ = ("name", "kind", "dtype", "shape", "offset")
@@ -256,14 +283,18 @@ class ExportGradientsResponse(_message.Message):
     def __init__(self, tensors: _Optional[_Iterable[_Union[TensorRef, _Mapping]]] = ..., loss: _Optional[float] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ("inputs", "layers", "output_dtype")
+    __slots__ = ("inputs", "layers", "output_dtype", "model", "model_version")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     inputs: _containers.RepeatedCompositeFieldContainer[Input]
     layers: _containers.RepeatedScalarFieldContainer[str]
     output_dtype: DataType
-    def __init__(self, inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., layers: _Optional[_Iterable[str]] = ..., output_dtype: _Optional[_Union[DataType, str]] = ...) -> None: ...
+    model: str
+    model_version: str
+    def __init__(self, inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., layers: _Optional[_Iterable[str]] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
     __slots__ = ("activations",)
@@ -272,24 +303,32 @@ class PredictResponse(_message.Message):
     def __init__(self, activations: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("model", "model_version")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    model_version: str
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class InputSpec(_message.Message):
-    __slots__ = ("shape", "dtype", "layout", "channel_order", "mean", "image_formats")
+    __slots__ = ("shape", "dtype", "layout", "channel_order", "mean", "image_formats", "min_size", "resize")
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     CHANNEL_ORDER_FIELD_NUMBER: _ClassVar[int]
     MEAN_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FORMATS_FIELD_NUMBER: _ClassVar[int]
+    MIN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RESIZE_FIELD_NUMBER: _ClassVar[int]
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: DataType
     layout: str
     channel_order: str
     mean: _containers.RepeatedScalarFieldContainer[float]
     image_formats: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DataType, str]] = ..., layout: _Optional[str] = ..., channel_order: _Optional[str] = ..., mean: _Optional[_Iterable[float]] = ..., image_formats: _Optional[_Iterable[str]] = ...) -> None: ...
+    min_size: _containers.RepeatedScalarFieldContainer[int]
+    resize: str
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DataType, str]] = ..., layout: _Optional[str] = ..., channel_order: _Optional[str] = ..., mean: _Optional[_Iterable[float]] = ..., image_formats: _Optional[_Iterable[str]] = ..., min_size: _Optional[_Iterable[int]] = ..., resize: _Optional[str] = ...) -> None: ...
 
 class LayerInfo(_message.Message):
     __slots__ = ("name", "output_shape")
@@ -322,7 +361,7 @@ class WeightsInfo(_message.Message):
     def __init__(self, source: _Optional[str] = ..., pretrained: _Optional[bool] = ..., file_sha256: _Optional[str] = ..., parameters_sha256: _Optional[str] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model_name", "input_spec", "layers", "parameters", "weights", "versions", "device", "max_unary_response_bytes", "stream_chunk_bytes", "max_batch_size")
+    __slots__ = ("model_name", "input_spec", "layers", "parameters", "weights", "versions", "device", "max_unary_response_bytes", "stream_chunk_bytes", "max_batch_size", "model", "model_version", "labels", "logits_layer", "probability_layer", "links")
     class VersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -340,6 +379,12 @@ class GetModelInfoResponse(_message.Message):
     MAX_UNARY_RESPONSE_BYTES_FIELD_NUMBER: _ClassVar[int]
     STREAM_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    LOGITS_LAYER_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_LAYER_FIELD_NUMBER: _ClassVar[int]
+    LINKS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     input_spec: InputSpec
     layers: _containers.RepeatedCompositeFieldContainer[LayerInfo]
@@ -350,4 +395,38 @@ class GetModelInfoResponse(_message.Message):
     max_unary_response_bytes: int
     stream_chunk_bytes: int
     max_batch_size: int
-    def __init__(self, model_name: _Optional[str] = ..., input_spec: _Optional[_Union[InputSpec, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., parameters: _Optional[_Iterable[_Union[ParameterInfo, _Mapping]]] = ..., weights: _Optional[_Union[WeightsInfo, _Mapping]] = ..., versions: _Optional[_Mapping[str, str]] = ..., device: _Optional[str] = ..., max_unary_response_bytes: _Optional[int] = ..., stream_chunk_bytes: _Optional[int] = ..., max_batch_size: _Optional[int] = ...) -> None: ...
+    model: str
+    model_version: str
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    logits_layer: str
+    probability_layer: str
+    links: _containers.RepeatedCompositeFieldContainer[LayerInfo]
+    def __init__(self, model_name: _Optional[str] = ..., input_spec: _Optional[_Union[InputSpec, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., parameters: _Optional[_Iterable[_Union[ParameterInfo, _Mapping]]] = ..., weights: _Optional[_Union[WeightsInfo, _Mapping]] = ..., versions: _Optional[_Mapping[str, str]] = ..., device: _Optional[str] = ..., max_unary_response_bytes: _Optional[int] = ..., stream_chunk_bytes: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., logits_layer: _Optional[str] = ..., probability_layer: _Optional[str] = ..., links: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelStatus(_message.Message):
+    __slots__ = ("name", "version", "state", "architecture", "message", "weights_source")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    state: ModelState
+    architecture: str
+    message: str
+    weights_source: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., architecture: _Optional[str] = ..., message: _Optional[str] = ..., weights_source: _Optional[str] = ...) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models", "default_model")
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelStatus]
+    default_model: str
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ..., default_model: _Optional[str] = ...) -> None: ...

@@ -27,7 +27,16 @@ if _version_not_supported:
 
 
 class GradientServiceStub:
-    """GradientService runs forward and backward passes of the served network.
+    """GradientService runs forward and backward passes of the served networks.
+
+    A server serves one or more models, each under a name ("vgg16", "resnet50",
+    a user's own) and a version. Every request names its model in `model` (and
+    optionally `model_version`); an empty `model` means the server's default
+    model (ListModelsResponse.default_model; VGG16 unless configured otherwise),
+    an empty `model_version` its served version. A model that is not served is
+    NOT_FOUND (reason MODEL_NOT_FOUND, the message lists the served ones); one
+    still loading is UNAVAILABLE (reason MODEL_LOADING: retry); one that failed
+    to load is FAILED_PRECONDITION (reason MODEL_LOAD_FAILED, with the cause).
 
     Every forward pass runs with chainer.config.train = False (no dropout), so
     results are deterministic for given weights and inputs.
@@ -64,10 +73,24 @@ class GradientServiceStub:
                 request_serializer=layergrad_dot_v1_dot_gradient__service__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=layergrad_dot_v1_dot_gradient__service__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/layergrad.v1.GradientService/ListModels',
+                request_serializer=layergrad_dot_v1_dot_gradient__service__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=layergrad_dot_v1_dot_gradient__service__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class GradientServiceServicer:
-    """GradientService runs forward and backward passes of the served network.
+    """GradientService runs forward and backward passes of the served networks.
+
+    A server serves one or more models, each under a name ("vgg16", "resnet50",
+    a user's own) and a version. Every request names its model in `model` (and
+    optionally `model_version`); an empty `model` means the server's default
+    model (ListModelsResponse.default_model; VGG16 unless configured otherwise),
+    an empty `model_version` its served version. A model that is not served is
+    NOT_FOUND (reason MODEL_NOT_FOUND, the message lists the served ones); one
+    still loading is UNAVAILABLE (reason MODEL_LOADING: retry); one that failed
+    to load is FAILED_PRECONDITION (reason MODEL_LOAD_FAILED, with the cause).
 
     Every forward pass runs with chainer.config.train = False (no dropout), so
     results are deterministic for given weights and inputs.
@@ -156,7 +179,15 @@ class GradientServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetModelInfo(self, request, context):
-        """Describes the served model: input format, layers, parameters, weights.
+        """Describes a served model: input format, layers, links, parameters,
+        weights, class labels.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListModels(self, request, context):
+        """Lists the models the server serves, with their state.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -190,6 +221,11 @@ def add_GradientServiceServicer_to_server(servicer, server):
                     request_deserializer=layergrad_dot_v1_dot_gradient__service__pb2.GetModelInfoRequest.FromString,
                     response_serializer=layergrad_dot_v1_dot_gradient__service__pb2.GetModelInfoResponse.SerializeToString,
             ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=layergrad_dot_v1_dot_gradient__service__pb2.ListModelsRequest.FromString,
+                    response_serializer=layergrad_dot_v1_dot_gradient__service__pb2.ListModelsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'layergrad.v1.GradientService', rpc_method_handlers)
@@ -199,7 +235,16 @@ def add_GradientServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class GradientService:
-    """GradientService runs forward and backward passes of the served network.
+    """GradientService runs forward and backward passes of the served networks.
+
+    A server serves one or more models, each under a name ("vgg16", "resnet50",
+    a user's own) and a version. Every request names its model in `model` (and
+    optionally `model_version`); an empty `model` means the server's default
+    model (ListModelsResponse.default_model; VGG16 unless configured otherwise),
+    an empty `model_version` its served version. A model that is not served is
+    NOT_FOUND (reason MODEL_NOT_FOUND, the message lists the served ones); one
+    still loading is UNAVAILABLE (reason MODEL_LOADING: retry); one that failed
+    to load is FAILED_PRECONDITION (reason MODEL_LOAD_FAILED, with the cause).
 
     Every forward pass runs with chainer.config.train = False (no dropout), so
     results are deterministic for given weights and inputs.
@@ -330,6 +375,33 @@ class GradientService:
             '/layergrad.v1.GradientService/GetModelInfo',
             layergrad_dot_v1_dot_gradient__service__pb2.GetModelInfoRequest.SerializeToString,
             layergrad_dot_v1_dot_gradient__service__pb2.GetModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/layergrad.v1.GradientService/ListModels',
+            layergrad_dot_v1_dot_gradient__service__pb2.ListModelsRequest.SerializeToString,
+            layergrad_dot_v1_dot_gradient__service__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
