@@ -504,7 +504,8 @@ def write_npz_atomic(arrays: Mapping[str, np.ndarray], dst: str | os.PathLike[st
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **{key: np.ascontiguousarray(value) for key, value in arrays.items()})
+            # asarray, not ascontiguousarray: that one turns 0-d arrays (BatchNormalization.N) into 1-d.
+            np.savez(handle, **{key: np.asarray(value, order="C") for key, value in arrays.items()})
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, dst)
