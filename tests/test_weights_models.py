@@ -231,6 +231,14 @@ def test_converted_caffemodel_loads_into_the_link_as_chainers_conversion_would(
     assert resolved.npz_path == (isolated_env / "cache" / f"{model}-caffemodel-{digest}.npz").resolve()
     assert (resolved.model, resolved.pretrained, resolved.source) == (model, True, f"caffemodel:{caffe.path}")
     caffe.path.unlink()
+    # No other model takes this file, not even VGG16 a VGG19 file holding every VGG16 array.
+    for other in MODELS:
+        assert bool(check_npz(resolved.npz_path, model=other)) == (other != model), other
+    if model == "vgg19":
+        assert check_npz(resolved.npz_path, model="vgg16") == [
+            "6 array(s) that VGG16 does not have (conv3_4/W, conv3_4/b, conv4_4/W, ...): "
+            "another model's weights?"
+        ]
 
     adapter = ADAPTERS[model]()
     loaded = _arrays(adapter.load(resolved.npz_path))
@@ -554,7 +562,9 @@ def test_cli_fetch_from_a_local_caffemodel_then_show_and_verify(
     out = capsys.readouterr().out
     assert out.count("OK (sha256 ") == 2 and "ResNet50 weights" in out
     assert weights_main(["verify", str(npz)]) == 1  # checked as VGG16, the default
-    assert f"{npz}: missing array conv1_1/W" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"{npz}: missing array conv1_1/W" in out
+    assert out.endswith(f"{npz}: holds every array of resnet50: pass --model resnet50\n")
 
 
 def test_cli_convert_for_a_model_and_the_errors_it_reports(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import zipfile
 from pathlib import Path
 
 from layergrad_server.weights import WeightsError
@@ -196,9 +197,22 @@ def _verify(paths: list[Path], model: str) -> int:
             failed = True
             for problem in problems:
                 print(f"{path}: {problem}")
+            other = _npz_model(path) if _looks_like_npz(path) else None
+            if other is not None and other != model:
+                print(f"{path}: holds every array of {other}: pass --model {other}")
         else:
             print(f"{path}: OK (sha256 {sha256_file(path)}), {MODELS[model].display} weights")
     return 1 if failed else 0
+
+
+def _npz_model(path: Path) -> str | None:
+    """The built-in model whose arrays ``path`` holds, exactly, if one does."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            keys = {name.removesuffix(".npy") for name in archive.namelist()}
+    except (OSError, zipfile.BadZipFile):
+        return None
+    return next((name for name, spec in MODELS.items() if keys == spec.layout.keys()), None)
 
 
 def _show(args: argparse.Namespace) -> int:

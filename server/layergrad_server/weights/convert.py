@@ -549,8 +549,10 @@ def check_npz(path: str | os.PathLike[str], *, deep: bool = False, model: str = 
 
     Checks that the file is a readable npz holding every expected key with the
     expected shape and a floating dtype (an integer one for BatchNormalization's
-    sample counts), reading only the array headers. With ``deep`` it also reads
-    every array (which verifies the zip checksums) and rejects non-finite values.
+    sample counts), reading only the array headers, and no other array (another
+    model's file can hold all of this one's: VGG19's holds every VGG16 key). With
+    ``deep`` it also reads every array (which verifies the zip checksums) and
+    rejects non-finite values.
     """
     spec = model_weights(model)
     path = Path(path)
@@ -584,6 +586,13 @@ def check_npz(path: str | os.PathLike[str], *, deep: bool = False, model: str = 
                         array = np.lib.format.read_array(stream)
                     if not np.isfinite(array).all():
                         problems.append(f"non-finite values in {key}")
+            extra = sorted(name.removesuffix(".npy") for name in members - {f"{k}.npy" for k in spec.layout})
+            if extra:
+                problems.append(
+                    f"{len(extra)} array(s) that {spec.display} does not have ({', '.join(extra[:3])}"
+                    + (", ..." if len(extra) > 3 else "")
+                    + "): another model's weights?"
+                )
     except FileNotFoundError:
         return [f"{path}: no such file"]
     except (OSError, zipfile.BadZipFile, ValueError, EOFError) as exc:
