@@ -25,18 +25,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import layergrad_server  # noqa: F401  (applies the numpy 2 shim Chainer needs)
+
+# isort: split
 import chainer
 import numpy as np
 import pytest
 from chainer.links.model.vision import googlenet, resnet
-from layergrad_server import _compat
 from layergrad_server.models.vision import BUILTINS
 from layergrad_server.weights import WeightsError, resolve_weights, store
 from layergrad_server.weights._gen import caffe_pb2
 from layergrad_server.weights.cli import weights_main
 from layergrad_server.weights.convert import MODELS, LinearLayer, check_npz, convert_caffemodel
-
-_compat.apply()
 
 REPO = Path(__file__).resolve().parent.parent
 ADAPTERS = {name.lower(): cls for name, cls in BUILTINS.items()}
