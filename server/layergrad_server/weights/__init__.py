@@ -1,8 +1,10 @@
-"""Pretrained VGG16 weights: finding, downloading, converting and checking them.
+"""Pretrained weights of the built-in models: finding, downloading, converting and checking them.
 
-``resolve_weights`` turns a user's ``--weights`` choice into an npz file that
-``chainer.links.VGG16Layers`` loads (or a seed for random initialisation);
-``convert_caffemodel`` turns the published Caffe model into that npz.
+``resolve_weights(choice, model)`` turns a user's ``--weights`` choice into an npz
+file that the model's Chainer link (``VGG16Layers``, ``VGG19Layers``, ``GoogLeNet``,
+``ResNet50Layers``, ``ResNet101Layers``, ``ResNet152Layers``) loads, or a seed for
+random initialisation; ``convert_caffemodel`` turns the published Caffe model into
+that npz.
 Every failure is a :class:`WeightsError` whose message says what is wrong.
 """
 

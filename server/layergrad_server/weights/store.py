@@ -1,18 +1,30 @@
-"""Finding, downloading and caching VGG16 weights.
+"""Finding, downloading and caching the pretrained weights of the built-in models.
 
-:func:`resolve_weights` maps a ``--weights`` spec to a checked npz file (or to a
-random-initialisation seed). The cache directory (``$LAYERGRAD_CACHE_DIR``,
-default ``~/.cache/layergrad``) holds:
+:func:`resolve_weights` maps a ``--weights`` spec and a model name (``vgg16``,
+``vgg19``, ``googlenet``, ``resnet50``, ``resnet101``, ``resnet152``) to a checked
+npz file (or to a random-initialisation seed). The cache directory
+(``$LAYERGRAD_CACHE_DIR``, default ``~/.cache/layergrad``) holds:
 
-* ``VGG_ILSVRC_16_layers.npz``: the published model, downloaded and converted;
-* ``vgg16-caffemodel-<sha256>.npz``: conversions of local ``.caffemodel`` files;
-* ``VGG_ILSVRC_16_layers.caffemodel.part``: a download in progress, removed
-  once converted or rejected;
+* the published models, downloaded (or converted from a local caffemodel by
+  ``layergrad-server weights fetch --caffemodel``), under Chainer's own names:
+  ``VGG_ILSVRC_16_layers.npz``, ``VGG_ILSVRC_19_layers.npz``,
+  ``bvlc_googlenet.npz``, ``ResNet-50-model.npz``, ``ResNet-101-model.npz``,
+  ``ResNet-152-model.npz``;
+* ``MODEL-caffemodel-<sha256>.npz``: conversions of local ``.caffemodel`` files
+  passed as ``--weights`` (``vgg16-caffemodel-<sha256>.npz``);
+* ``<caffemodel name>.part``: a download in progress, removed once converted or
+  rejected;
 * ``.lock``: held (``fcntl.flock``) while downloading or converting, so several
   server processes sharing the cache never race.
 
-Chainer's own converted cache (``$CHAINER_DATASET_ROOT/pfnet/chainer/models/
-VGG_ILSVRC_16_layers.npz``) is used when present. HTTP uses only ``urllib``.
+Chainer's converted cache (``$CHAINER_DATASET_ROOT/pfnet/chainer/models/<npz
+name>``) is used when present. VGG16, VGG19 and GoogLeNet are downloaded from
+the addresses Chainer uses; ResNet's caffemodels are not publicly downloadable
+(their authors hand them out through a form), so ``auto`` for ResNet uses a
+cached npz, else a caffemodel placed in the cache or in Chainer's directory
+under its published name (``ResNet-50-model.caffemodel``), else a mirror named
+by ``$LAYERGRAD_RESNET50_WEIGHTS_URL``, and otherwise says how to get it.
+HTTP uses only ``urllib``.
 """
 
 from __future__ import annotations
@@ -29,14 +41,21 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
 from layergrad_server import __version__
 from layergrad_server.weights import WeightsError
-from layergrad_server.weights.convert import check_npz, convert_caffemodel, read_caffemodel, write_npz_atomic
+from layergrad_server.weights.convert import (
+    DEFAULT_MODEL,
+    check_npz,
+    convert_caffemodel,
+    model_weights,
+    read_caffemodel,
+    write_npz_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +63,17 @@ logger = logging.getLogger(__name__)
 DEFAULT_WEIGHTS_URL = (
     "https://www.robots.ox.ac.uk/%7Evgg/software/very_deep/caffe/VGG_ILSVRC_16_layers.caffemodel"
 )
+#: Where Chainer's ``VGG19Layers`` and ``GoogLeNet`` download theirs from (VGG19 over HTTPS here).
+VGG19_WEIGHTS_URL = (
+    "https://www.robots.ox.ac.uk/%7Evgg/software/very_deep/caffe/VGG_ILSVRC_19_layers.caffemodel"
+)
+GOOGLENET_WEIGHTS_URL = "http://dl.caffe.berkeleyvision.org/bvlc_googlenet.caffemodel"
+#: Where ResNet's authors publish how to obtain their caffemodels.
+RESNET_WEIGHTS_PAGE = "https://github.com/KaimingHe/deep-residual-networks"
+
 CACHE_DIR_ENV = "LAYERGRAD_CACHE_DIR"
+#: VGG16's download mirror and expected sha256 (hex); other models use LAYERGRAD_<MODEL>_WEIGHTS_URL/_SHA256.
 WEIGHTS_URL_ENV = "LAYERGRAD_WEIGHTS_URL"
-#: Optional expected sha256 (hex) of the downloaded caffemodel.
 WEIGHTS_SHA256_ENV = "LAYERGRAD_WEIGHTS_SHA256"
 CHAINER_DATASET_ROOT_ENV = "CHAINER_DATASET_ROOT"
 
@@ -66,13 +93,69 @@ _CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
+class Pretrained:
+    """Where one model's published weights come from and where they are cached.
+
+    ``url`` is None when the caffemodel cannot be downloaded without asking its
+    authors (ResNet). ``url_envs`` and ``sha256_envs`` are the environment
+    variables naming a mirror and the download's expected sha256, first set wins.
+    """
+
+    model: str
+    display: str
+    npz_name: str
+    caffemodel_name: str
+    url: str | None
+    url_envs: tuple[str, ...]
+    sha256_envs: tuple[str, ...]
+
+    @property
+    def url_env(self) -> str:
+        """The variable messages suggest for a mirror."""
+        return self.url_envs[-1]
+
+
+def _pretrained(model: str, display: str, stem: str, url: str | None, *legacy: str) -> Pretrained:
+    upper = model.upper()
+    return Pretrained(
+        model=model,
+        display=display,
+        npz_name=f"{stem}.npz",
+        caffemodel_name=f"{stem}.caffemodel",
+        url=url,
+        url_envs=(f"LAYERGRAD_{upper}_WEIGHTS_URL", *(f"{name}_URL" for name in legacy)),
+        sha256_envs=(f"LAYERGRAD_{upper}_WEIGHTS_SHA256", *(f"{name}_SHA256" for name in legacy)),
+    )
+
+
+#: Every built-in model's published weights, by lowercase model name.
+PRETRAINED: Mapping[str, Pretrained] = {
+    entry.model: entry
+    for entry in (
+        _pretrained("vgg16", "VGG16", "VGG_ILSVRC_16_layers", DEFAULT_WEIGHTS_URL, "LAYERGRAD_WEIGHTS"),
+        _pretrained("vgg19", "VGG19", "VGG_ILSVRC_19_layers", VGG19_WEIGHTS_URL),
+        _pretrained("googlenet", "GoogLeNet", "bvlc_googlenet", GOOGLENET_WEIGHTS_URL),
+        _pretrained("resnet50", "ResNet50", "ResNet-50-model", None),
+        _pretrained("resnet101", "ResNet101", "ResNet-101-model", None),
+        _pretrained("resnet152", "ResNet152", "ResNet-152-model", None),
+    )
+}
+
+
+def pretrained_info(model: str = DEFAULT_MODEL) -> Pretrained:
+    """The published weights of the built-in ``model`` (any case); WeightsError if there is none."""
+    return PRETRAINED[model_weights(model).name]
+
+
+@dataclass(frozen=True)
 class ResolvedWeights:
     """What the server loads: an npz file, or random weights from a seed.
 
     ``source`` says where the weights came from (``random:SEED``, ``npz:PATH``,
     ``cache:PATH``, ``chainer-cache:PATH``, ``download:URL`` or
     ``caffemodel:PATH``); ``file_sha256`` is the hex sha256 of ``npz_path``,
-    empty for random weights.
+    empty for random weights; ``model`` the lowercase name of the model they
+    are for.
     """
 
     npz_path: Path | None
@@ -80,6 +163,7 @@ class ResolvedWeights:
     source: str
     pretrained: bool
     file_sha256: str
+    model: str = DEFAULT_MODEL
 
 
 def default_cache_dir() -> Path:
@@ -90,15 +174,29 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "layergrad"
 
 
-def default_weights_url() -> str:
-    """The download URL: ``$LAYERGRAD_WEIGHTS_URL`` (a mirror) or the published one."""
-    return os.environ.get(WEIGHTS_URL_ENV) or DEFAULT_WEIGHTS_URL
+def _first_env(names: tuple[str, ...]) -> str | None:
+    for name in names:
+        value = os.environ.get(name)
+        if value:
+            return value
+    return None
 
 
-def chainer_cache_path() -> Path:
-    """Where Chainer keeps its own converted VGG16 npz."""
+def default_weights_url(model: str = DEFAULT_MODEL) -> str | None:
+    """The download URL: the model's mirror variable, else the published URL (None for ResNet)."""
+    info = pretrained_info(model)
+    return _first_env(info.url_envs) or info.url
+
+
+def chainer_dataset_dir() -> Path:
+    """Where Chainer keeps its converted models (``$CHAINER_DATASET_ROOT/pfnet/chainer/models``)."""
     root = os.environ.get(CHAINER_DATASET_ROOT_ENV) or str(Path.home() / ".chainer" / "dataset")
-    return Path(root).expanduser() / "pfnet" / "chainer" / "models" / PRETRAINED_NPZ_NAME
+    return Path(root).expanduser() / "pfnet" / "chainer" / "models"
+
+
+def chainer_cache_path(model: str = DEFAULT_MODEL) -> Path:
+    """Where Chainer keeps its own converted npz of ``model``."""
+    return chainer_dataset_dir() / pretrained_info(model).npz_name
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -125,70 +223,108 @@ def cache_lock(cache_dir: Path) -> Iterator[None]:
 
 def resolve_weights(
     spec: str | None,
+    model: str = DEFAULT_MODEL,
     *,
     cache_dir: Path | None = None,
     url: str | None = None,
     progress: bool = True,
     expected_sha256: str | None = None,
 ) -> ResolvedWeights:
-    """Turns a weights spec into checked weights for ``VGG16Layers``.
+    """Turns a weights spec into checked weights for the built-in ``model`` (default ``vgg16``).
 
-    ``spec`` is one of:
+    ``model`` is ``vgg16``, ``vgg19``, ``googlenet``, ``resnet50``, ``resnet101``
+    or ``resnet152`` (any case). ``spec`` is one of:
 
     * ``None``: the cached pretrained npz (ours, then Chainer's) if present,
       else random weights with seed 0 and a loud warning;
     * ``"random:SEED"`` (or ``"random"``, seed 0): random weights, no file;
     * ``"auto"``: the cached pretrained npz, else download ``url`` (default
-      ``$LAYERGRAD_WEIGHTS_URL`` or the published URL), verify and convert it;
-    * a path ending ``.npz``: that file, checked to hold every VGG16 array;
+      the model's mirror variable or the published URL), verify and convert
+      it. ResNet has no public URL: a caffemodel under its published name in
+      the cache or Chainer's directory is converted, else a mirror is
+      downloaded if one is named, else a WeightsError says how to get it;
+    * a path ending ``.npz``: that file, checked to hold every array of the
+      model with the right shape;
     * a path ending ``.caffemodel``: converted once into the cache, keyed by
       the file's sha256.
 
-    ``expected_sha256`` (default ``$LAYERGRAD_WEIGHTS_SHA256``) is the hex
+    ``expected_sha256`` (default the model's sha256 variable) is the hex
     sha256 a download must have. ``progress`` shows a download progress bar
     on stderr. Raises :class:`WeightsError` with the reason when the weights
     cannot be used.
     """
+    info = pretrained_info(model)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     if spec is None:
-        found = _find_cached(cache)
+        found = _find_cached(cache, info)
         if found is not None:
-            return _checked_npz(*found)
+            return _checked_npz(*found, info)
         logger.warning(
-            "NO PRETRAINED VGG16 WEIGHTS FOUND (looked in %s and %s): serving RANDOM weights (seed 0). "
-            "Gradients will not reflect a trained network. Run `layergrad-server weights fetch`, "
+            "NO PRETRAINED %s WEIGHTS FOUND (looked in %s and %s): serving RANDOM weights (seed 0). "
+            "Gradients will not reflect a trained network. Run `layergrad-server weights fetch%s`, "
             "or pass --weights auto, a .npz or a .caffemodel.",
-            cache / PRETRAINED_NPZ_NAME,
-            chainer_cache_path(),
+            info.display.upper(),
+            cache / info.npz_name,
+            chainer_cache_path(info.model),
+            "" if info.model == DEFAULT_MODEL else f" --model {info.model}",
         )
-        return _random(0)
+        return _random(0, info)
     text = spec.strip()
     if text == "random" or text.startswith("random:"):
-        return _random(_parse_seed(text))
+        return _random(_parse_seed(text), info)
     if text == "auto":
-        found = _find_cached(cache)
+        found = _find_cached(cache, info)
         if found is not None:
-            return _checked_npz(*found)
-        source_url = url or default_weights_url()
-        sha = expected_sha256 if expected_sha256 is not None else os.environ.get(WEIGHTS_SHA256_ENV)
-        npz = download_pretrained(cache, source_url, expected_sha256=sha or None, progress=progress)
-        return _checked_npz(npz, f"download:{source_url}")
+            return _checked_npz(*found, info)
+        source_url = url or _first_env(info.url_envs)
+        if source_url is None:
+            local = _find_local_caffemodel(cache, info)
+            if local is not None:
+                return _checked_npz(install_caffemodel(local, cache, info.model), f"caffemodel:{local}", info)
+            source_url = info.url
+        if source_url is None:
+            raise WeightsError(_how_to_get(cache, info))
+        sha = expected_sha256 if expected_sha256 is not None else _first_env(info.sha256_envs)
+        npz = download_pretrained(
+            cache, source_url, expected_sha256=sha or None, progress=progress, model=info.model
+        )
+        return _checked_npz(npz, f"download:{source_url}", info)
     lowered = text.lower()
     if lowered.endswith(".npz"):
         path = Path(text).expanduser()
-        return _checked_npz(path, f"npz:{path}")
+        return _checked_npz(path, f"npz:{path}", info)
     if lowered.endswith(".caffemodel"):
         path = Path(text).expanduser()
-        return _checked_npz(convert_into_cache(path, cache), f"caffemodel:{path}")
+        return _checked_npz(convert_into_cache(path, cache, info.model), f"caffemodel:{path}", info)
     raise WeightsError(
         f"unrecognised weights spec {spec!r}: expected 'auto', 'random:SEED', a path ending .npz "
         "or a path ending .caffemodel"
     )
 
 
-def _random(seed: int) -> ResolvedWeights:
+def _how_to_get(cache: Path, info: Pretrained) -> str:
+    """Why ``auto`` cannot get ``info``'s weights by itself, and what to do instead."""
+    return (
+        f"no pretrained {info.display} weights here (looked for {cache / info.npz_name}, "
+        f"{chainer_cache_path(info.model)}, {cache / info.caffemodel_name} and "
+        f"{chainer_dataset_dir() / info.caffemodel_name}), and they cannot be downloaded automatically: "
+        f"the authors hand out {info.caffemodel_name} on request (see {RESNET_WEIGHTS_PAGE}). "
+        f"Once you have it, run `layergrad-server weights fetch --model {info.model} --caffemodel "
+        f"{info.caffemodel_name}` to convert it into the cache (then --weights auto finds it), or place it "
+        f"at {cache / info.caffemodel_name}, or pass --weights PATH/{info.caffemodel_name} (or a converted "
+        f".npz); ${info.url_env} may name a mirror to download it from. Or serve random weights "
+        "with --weights random:SEED."
+    )
+
+
+def _random(seed: int, info: Pretrained | None = None) -> ResolvedWeights:
     return ResolvedWeights(
-        npz_path=None, random_seed=seed, source=f"random:{seed}", pretrained=False, file_sha256=""
+        npz_path=None,
+        random_seed=seed,
+        source=f"random:{seed}",
+        pretrained=False,
+        file_sha256="",
+        model=info.model if info is not None else DEFAULT_MODEL,
     )
 
 
@@ -205,60 +341,97 @@ def _parse_seed(text: str) -> int:
     return seed
 
 
-def _find_cached(cache: Path) -> tuple[Path, str] | None:
+def _find_cached(cache: Path, info: Pretrained) -> tuple[Path, str] | None:
     """The first existing pretrained npz: ours, then Chainer's; with its source label."""
-    ours = cache / PRETRAINED_NPZ_NAME
+    ours = cache / info.npz_name
     if ours.is_file():
         return ours, f"cache:{ours}"
-    chainers = chainer_cache_path()
+    chainers = chainer_cache_path(info.model)
     if chainers.is_file():
         return chainers, f"chainer-cache:{chainers}"
     return None
 
 
-def _checked_npz(path: Path, source: str) -> ResolvedWeights:
-    """Checks ``path`` holds every VGG16 array with the right shape; hashes it."""
+def _find_local_caffemodel(cache: Path, info: Pretrained) -> Path | None:
+    """A caffemodel under its published name in the cache or Chainer's directory (where Chainer looks)."""
+    for directory in (cache, chainer_dataset_dir()):
+        candidate = directory / info.caffemodel_name
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _checked_npz(path: Path, source: str, info: Pretrained | None = None) -> ResolvedWeights:
+    """Checks ``path`` holds every array of the model with the right shape; hashes it."""
+    info = info or PRETRAINED[DEFAULT_MODEL]
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist")
-    problems = check_npz(path)
+    problems = check_npz(path, model=info.model)
     if problems:
         raise WeightsError(
-            f"weights file {path} cannot be loaded into VGG16 ({source}): "
+            f"weights file {path} cannot be loaded into {info.display} ({source}): "
             + "; ".join(problems)
             + ". Delete or replace it."
         )
     digest = sha256_file(path)
-    logger.info("using VGG16 weights %s (sha256 %s) from %s", path, digest, source)
+    logger.info("using %s weights %s (sha256 %s) from %s", info.display, path, digest, source)
     return ResolvedWeights(
-        npz_path=path.resolve(), random_seed=None, source=source, pretrained=True, file_sha256=digest
+        npz_path=path.resolve(),
+        random_seed=None,
+        source=source,
+        pretrained=True,
+        file_sha256=digest,
+        model=info.model,
     )
 
 
-def convert_into_cache(caffemodel: Path, cache_dir: Path) -> Path:
-    """Converts ``caffemodel`` into ``cache_dir`` once (keyed by its sha256); returns the npz."""
+def convert_into_cache(caffemodel: Path, cache_dir: Path, model: str = DEFAULT_MODEL) -> Path:
+    """Converts ``caffemodel`` into ``cache_dir`` once (keyed by model and sha256); returns the npz."""
+    name = model_weights(model).name
     if not caffemodel.is_file():
         raise WeightsError(f"caffemodel file {caffemodel} does not exist")
     digest = sha256_file(caffemodel)
-    target = cache_dir / f"vgg16-caffemodel-{digest}.npz"
+    target = cache_dir / f"{name}-caffemodel-{digest}.npz"
     if target.is_file():
         return target
     with cache_lock(cache_dir):
         if not target.is_file():  # another process may have converted it meanwhile
-            convert_caffemodel(caffemodel, target)
+            convert_caffemodel(caffemodel, target, name)
+    return target
+
+
+def install_caffemodel(caffemodel: Path, cache_dir: Path, model: str = DEFAULT_MODEL) -> Path:
+    """Converts a local copy of ``model``'s published caffemodel into the cache as its pretrained npz.
+
+    What ``auto`` and the default then find, as if it had been downloaded. An
+    existing pretrained npz is replaced. Returns the npz path.
+    """
+    info = pretrained_info(model)
+    if not caffemodel.is_file():
+        raise WeightsError(f"caffemodel file {caffemodel} does not exist")
+    target = cache_dir / info.npz_name
+    with cache_lock(cache_dir):
+        convert_caffemodel(caffemodel, target, info.model)
     return target
 
 
 def download_pretrained(
-    cache_dir: Path, url: str, *, expected_sha256: str | None = None, progress: bool = True
+    cache_dir: Path,
+    url: str,
+    *,
+    expected_sha256: str | None = None,
+    progress: bool = True,
+    model: str = DEFAULT_MODEL,
 ) -> Path:
-    """Downloads, verifies and converts the VGG16 caffemodel into ``cache_dir``; returns the npz.
+    """Downloads, verifies and converts ``model``'s caffemodel into ``cache_dir``; returns the npz.
 
     Runs under the cache lock. The download goes to a ``.part`` file that is
     always removed afterwards, whether it converted or was rejected; the npz is
     written atomically, so it is either complete or absent.
     """
-    target = cache_dir / PRETRAINED_NPZ_NAME
-    part = cache_dir / (CAFFEMODEL_NAME + PART_SUFFIX)
+    info = pretrained_info(model)
+    target = cache_dir / info.npz_name
+    part = cache_dir / (info.caffemodel_name + PART_SUFFIX)
     with cache_lock(cache_dir):
         if target.is_file():  # another process finished while this one waited
             return target
@@ -266,7 +439,7 @@ def download_pretrained(
             logger.info("removing a stale partial download %s", part)
             part.unlink()
         try:
-            download_file(url, part, progress=progress)
+            download_file(url, part, progress=progress, mirror_env=info.url_env)
             if expected_sha256:
                 digest = sha256_file(part)
                 if digest != expected_sha256.strip().lower():
@@ -275,10 +448,10 @@ def download_pretrained(
                         f"expected {expected_sha256.strip().lower()}; it was deleted"
                     )
             try:
-                arrays = read_caffemodel(part)
+                arrays = read_caffemodel(part, info.model)
             except WeightsError as exc:
                 raise WeightsError(
-                    f"download from {url} is not a usable VGG16 caffemodel and was deleted: {exc}"
+                    f"download from {url} is not a usable {info.display} caffemodel and was deleted: {exc}"
                 ) from exc
             write_npz_atomic(arrays, target)
             del arrays
@@ -309,6 +482,7 @@ def download_file(
     retries: int | None = None,
     timeout: float | None = None,
     stream: TextIO | None = None,
+    mirror_env: str = WEIGHTS_URL_ENV,
 ) -> int:
     """Downloads ``url`` into ``dest`` (truncating it), resuming with HTTP Range after drops.
 
@@ -316,6 +490,7 @@ def download_file(
     with exponential backoff, checks the size against ``Content-Length``, and
     returns the number of bytes written. Raises :class:`WeightsError` when the
     download cannot be completed; ``dest`` may then hold a partial file.
+    ``mirror_env`` is the variable a message suggests for a mirror.
     """
     max_failures = DOWNLOAD_RETRIES if retries is None else retries
     socket_timeout = DOWNLOAD_TIMEOUT_S if timeout is None else timeout
@@ -325,7 +500,7 @@ def download_file(
     with open(dest, "wb") as out:
         while True:
             try:
-                _attempt(url, out, state, socket_timeout, bar)
+                _attempt(url, out, state, socket_timeout, bar, mirror_env)
                 break
             except _RetryableError as exc:
                 failures += 1
@@ -364,7 +539,9 @@ class _DownloadState:
     validator: str | None = None  # ETag or Last-Modified of the first response, for If-Range
 
 
-def _attempt(url: str, out: BinaryIO, state: _DownloadState, timeout: float, bar: _Progress) -> None:
+def _attempt(
+    url: str, out: BinaryIO, state: _DownloadState, timeout: float, bar: _Progress, mirror_env: str
+) -> None:
     """One HTTP request continuing from byte ``state.have``; updates ``state`` as bytes arrive."""
     have, total, validator = state.have, state.total, state.validator
     headers = {"User-Agent": f"layergrad/{__version__}", "Accept-Encoding": "identity"}
@@ -419,7 +596,7 @@ def _attempt(url: str, out: BinaryIO, state: _DownloadState, timeout: float, bar
             host = urllib.parse.urlsplit(url).hostname
             raise WeightsError(
                 f"cannot resolve {host} ({exc.reason}): no network or DNS here? Download the weights "
-                f"elsewhere and pass --weights PATH, or point ${WEIGHTS_URL_ENV} (fetch --url) at a mirror "
+                f"elsewhere and pass --weights PATH, or point ${mirror_env} (fetch --url) at a mirror "
                 "you can reach"
             ) from exc
         raise _RetryableError(f"{type(exc).__name__}: {exc}") from exc
