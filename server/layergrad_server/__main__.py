@@ -248,10 +248,10 @@ def load_weights_source(
     from layergrad_server.weights import resolve_weights
 
     model = model or default_models(config.weights)[0]
-    if model.architecture == CHAIN or (model.architecture != "vgg16" and model.weights != "auto"):
+    if model.architecture == CHAIN:
         resolved = resolve_chain_weights(model)
     else:
-        resolved = resolve_weights(model.weights)
+        resolved = resolve_weights(model.weights, model.architecture)
     from layergrad_server.models.vision import random_seed_of
 
     seed = None if resolved.npz_path is None else random_seed_of(resolved.npz_path)
@@ -265,9 +265,10 @@ def load_weights_source(
     if not weights.pretrained:
         logger.warning(
             "model %s: serving RANDOM weights (%s): gradients are those of an untrained network; "
-            "run `layergrad-server weights fetch` or pass --weights PATH for pretrained VGG16",
+            "run `layergrad-server weights fetch --model %s` or give the model a weights file",
             model.name,
             weights.source,
+            model.architecture,
         )
     return weights
 
