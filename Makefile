@@ -53,8 +53,8 @@ proto: setup
 
 # Fails when the committed stubs differ from what `make proto` generates.
 proto-check: proto
-	git diff --exit-code -- client/layergrad/_gen server/layergrad_server/weights/_gen
-	test -z "$$(git status --porcelain -- client/layergrad/_gen server/layergrad_server/weights/_gen)"
+	git diff --exit-code -- client/layergrad/_gen server/layergrad_server/_gen server/layergrad_server/weights/_gen
+	test -z "$$(git status --porcelain -- client/layergrad/_gen server/layergrad_server/_gen server/layergrad_server/weights/_gen)"
 
 bench: setup
 	$(PY) scripts/bench.py

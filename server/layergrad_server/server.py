@@ -24,6 +24,9 @@ from layergrad_server.auth import TokenStore
 from layergrad_server.config import MIB, ServerConfig
 from layergrad_server.engine import Engine, WeightsSource
 from layergrad_server.handlers import Handlers
+from layergrad_server.kserve_v2 import SERVICE_NAME as INFERENCE_SERVICE_NAME
+from layergrad_server.kserve_v2 import SERVICE_PREFIX as INFERENCE_SERVICE_PREFIX
+from layergrad_server.kserve_v2 import InferenceServicer, add_inference_service
 from layergrad_server.servicer import GradientServicer
 
 if TYPE_CHECKING:
@@ -126,6 +129,24 @@ def add_gradient_service(
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, methods),))
 
 
+def add_kserve_v2_service(
+    servicer: GradientServicer,
+    server: grpc.aio.Server,
+    handlers: Handlers,
+    dispatcher: Dispatcher | None = None,
+) -> None:
+    """Registers the Open Inference Protocol (KServe v2) through ``handlers``: its ModelInfer
+    runs GradientService's Predict and ComputeGradients behaviours as registered above
+    (dispatched like them in a worker of ``--workers N``)."""
+    unary: Callable[[str, Callable], Callable] = dispatcher.unary if dispatcher else lambda _, b: b
+    inference = InferenceServicer(
+        servicer,
+        predict=unary("Predict", servicer.Predict),
+        compute_gradients=unary("ComputeGradients", servicer.ComputeGradients),
+    )
+    add_inference_service(inference, server, handlers)
+
+
 def apply_cpu_kernels(choice: str, model: Engine) -> str:
     """Puts the fast CPU kernels in place (``choice`` 'fast') or Chainer's own ('stock') for a
     model on the CPU; returns what the model's device runs ('-' on other devices)."""
@@ -194,9 +215,13 @@ class GradientServer:
         self._health = health_async.HealthServicer()
         handlers = Handlers(self._executor, self._loop, tokens, f"/{SERVICE_NAME}/", config.stall_seconds)
         add_gradient_service(self._servicer, self._server, handlers, self.dispatcher)
+        inference_handlers = Handlers(
+            self._executor, self._loop, tokens, INFERENCE_SERVICE_PREFIX, config.stall_seconds
+        )
+        add_kserve_v2_service(self._servicer, self._server, inference_handlers, self.dispatcher)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
-            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server
+            [SERVICE_NAME, INFERENCE_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server
         )
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         credentials = server_credentials(config)

@@ -1,0 +1,172 @@
+"""The Open Inference Protocol's RPCs, each a synchronous behaviour run through ``handlers``.
+
+ModelInfer runs no compute of its own: it converts the request into the equivalent
+layergrad.v1 request (``convert.to_v1``), runs that layergrad.v1 behaviour (the same
+callable GradientService serves, so admission, limits, deadlines, planning and,
+under ``--workers``, dispatch to a sibling are the ones layergrad.v1 calls get) and
+converts its response back (``convert.to_v2``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
+
+from layergrad_server import __version__, engine
+from layergrad_server._gen.inference import grpc_predict_v2_pb2 as v2
+from layergrad_server.errors import NotFound, ResultTooLarge, Unavailable, shown
+from layergrad_server.kserve_v2 import convert
+from layergrad_server.servicer import GradientServicer
+from layergrad_server.status import required_scopes
+
+SERVER_NAME = "layergrad"
+#: The one version each served model has.
+MODEL_VERSION = "1"
+PLATFORM = "chainer"
+#: Protocol extensions served: none of the optional ones (model repository, shared memory,
+#: statistics, ...); every other GRPCInferenceService method is UNIMPLEMENTED.
+EXTENSIONS: tuple[str, ...] = ()
+
+V1Behavior = Callable[[Any, grpc.ServicerContext], Any]
+
+
+class InferenceServicer:
+    """GRPCInferenceService on top of GradientService's behaviours.
+
+    ``predict`` and ``compute_gradients`` are the layergrad.v1 behaviours exactly as
+    GradientService registers them (wrapped by the dispatcher under ``--workers``).
+    """
+
+    def __init__(
+        self, gradients: GradientServicer, predict: V1Behavior, compute_gradients: V1Behavior
+    ) -> None:
+        self._gradients = gradients
+        self._v1 = {"Predict": predict, "ComputeGradients": compute_gradients}
+
+    # ---- the one lookup of a request's model ---------------------------------------
+
+    def _engine(self, name: str, version: str) -> engine.Engine:
+        """The engine serving model ``name`` at ``version`` ("" for the default model and its
+        version); NOT_FOUND naming the served models, UNAVAILABLE while loading."""
+        served = _served_name()
+        if name and name != served:
+            raise NotFound(
+                f"model {shown(name)} is not served here; served models: {served}",
+                field="model_name",
+                reason="MODEL_NOT_FOUND",
+            )
+        if version and version != MODEL_VERSION:
+            raise NotFound(
+                f"model {served} has no version {shown(version)}; its versions: {MODEL_VERSION}",
+                field="model_version",
+                reason="MODEL_VERSION_NOT_FOUND",
+            )
+        return self._gradients._model
+
+    # ---- health and metadata ---------------------------------------------------------
+
+    def ServerLive(  # noqa: N802
+        self, request: v2.ServerLiveRequest, context: grpc.ServicerContext
+    ) -> v2.ServerLiveResponse:
+        return v2.ServerLiveResponse(live=True)
+
+    def ServerReady(  # noqa: N802
+        self, request: v2.ServerReadyRequest, context: grpc.ServicerContext
+    ) -> v2.ServerReadyResponse:
+        return v2.ServerReadyResponse(ready=self._ready("", ""))
+
+    def ModelReady(  # noqa: N802
+        self, request: v2.ModelReadyRequest, context: grpc.ServicerContext
+    ) -> v2.ModelReadyResponse:
+        return v2.ModelReadyResponse(ready=self._ready(request.name, request.version))
+
+    def _ready(self, name: str, version: str) -> bool:
+        try:
+            self._engine(name, version)
+        except Unavailable:
+            return False
+        return True
+
+    def ServerMetadata(  # noqa: N802
+        self, request: v2.ServerMetadataRequest, context: grpc.ServicerContext
+    ) -> v2.ServerMetadataResponse:
+        return v2.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
+
+    def ModelMetadata(  # noqa: N802
+        self, request: v2.ModelMetadataRequest, context: grpc.ServicerContext
+    ) -> v2.ModelMetadataResponse:
+        model = self._engine(request.name, request.version)
+        tensor = v2.ModelMetadataResponse.TensorMetadata
+        input_shape = list(model.input_shape)
+        outputs = [
+            tensor(name=name, datatype="FP32", shape=[-1, *shape]) for name, shape in model.layer_info()
+        ]
+        outputs.append(tensor(name=convert.INPUT_GRADIENT, datatype="FP32", shape=[-1, *input_shape]))
+        outputs += [
+            tensor(name=convert.GRADIENT_PREFIX + name, datatype="FP32", shape=[-1, *shape])
+            for name, shape in model.layer_info()
+        ]
+        outputs += [
+            tensor(name=convert.GRADIENT_PREFIX + name, datatype="FP32", shape=list(shape))
+            for name, shape, _ in model.parameter_info()
+        ]
+        outputs.append(tensor(name=convert.LOSS_OUTPUT, datatype="FP64", shape=[1]))
+        return v2.ModelMetadataResponse(
+            name=_served_name(),
+            versions=[MODEL_VERSION],
+            platform=PLATFORM,
+            inputs=[
+                tensor(name=convert.IMAGE_INPUT, datatype="FP32", shape=[-1, *input_shape]),
+                tensor(name=convert.TARGETS_INPUT, datatype="INT64", shape=[-1]),
+            ],
+            outputs=outputs,
+        )
+
+    # ---- inference -------------------------------------------------------------------
+
+    def equivalent(self, request: v2.ModelInferRequest, *, with_inputs: bool = True) -> convert.V1Call:
+        """The layergrad.v1 call that asks for what ``request`` asks for."""
+        model = self._engine(request.model_name, request.model_version)
+        names = convert.ModelNames(layers=model.layer_names, parameters=model.parameter_names)
+        adapter = model.adapter
+        return convert.to_v1(
+            request,
+            names,
+            tuple(model.input_shape),
+            adapter.probability_layer or adapter.default_output,
+            adapter.logits_layer or adapter.default_output,
+            with_inputs=with_inputs,
+        )
+
+    def scopes(self, method: str, request: v2.ModelInferRequest) -> set[str]:
+        """The token scopes of the equivalent layergrad.v1 call (see ``auth``)."""
+        if method != "ModelInfer":
+            return set()
+        call = self.equivalent(request, with_inputs=False)
+        return required_scopes(call.method, call.request)
+
+    def ModelInfer(  # noqa: N802
+        self, request: v2.ModelInferRequest, context: grpc.ServicerContext
+    ) -> v2.ModelInferResponse:
+        call = self.equivalent(request)
+        try:
+            answer = self._v1[call.method](call.request, context)
+        except ResultTooLarge as error:
+            raise ResultTooLarge(
+                f"{error.message.split(';')[0]}; ModelInfer answers in one message: ask for fewer outputs "
+                "or a smaller batch, or stream the same result with layergrad.v1 "
+                "GradientService/StreamGradients",
+                reason=error.reason,
+                metadata=error.metadata,
+            ) from None
+        if isinstance(answer, bytes):  # computed by a sibling worker
+            response_type = pb.PredictResponse if call.method == "Predict" else pb.ComputeGradientsResponse
+            answer = response_type.FromString(answer)
+        return convert.to_v2(call, answer, _served_name(), MODEL_VERSION, request.id)
+
+
+def _served_name() -> str:
+    return engine.MODEL_NAME.lower()
