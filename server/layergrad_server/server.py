@@ -133,9 +133,11 @@ def add_kserve_v2_service(
     servicer: GradientServicer,
     server: grpc.aio.Server,
     handlers: Handlers,
+    probe_handlers: Handlers,
     dispatcher: Dispatcher | None = None,
 ) -> None:
-    """Registers the Open Inference Protocol (KServe v2) through ``handlers``: its ModelInfer
+    """Registers the Open Inference Protocol (KServe v2) through ``handlers`` (its liveness and
+    readiness probes through ``probe_handlers``, which take no token): its ModelInfer
     runs GradientService's Predict and ComputeGradients behaviours as registered above
     (dispatched like them in a worker of ``--workers N``)."""
     unary: Callable[[str, Callable], Callable] = dispatcher.unary if dispatcher else lambda _, b: b
@@ -144,7 +146,7 @@ def add_kserve_v2_service(
         predict=unary("Predict", servicer.Predict),
         compute_gradients=unary("ComputeGradients", servicer.ComputeGradients),
     )
-    add_inference_service(inference, server, handlers)
+    add_inference_service(inference, server, handlers, probe_handlers)
 
 
 def apply_cpu_kernels(choice: str, model: Engine) -> str:
@@ -215,10 +217,13 @@ class GradientServer:
         self._health = health_async.HealthServicer()
         handlers = Handlers(self._executor, self._loop, tokens, f"/{SERVICE_NAME}/", config.stall_seconds)
         add_gradient_service(self._servicer, self._server, handlers, self.dispatcher)
-        inference_handlers = Handlers(
-            self._executor, self._loop, tokens, INFERENCE_SERVICE_PREFIX, config.stall_seconds
+        inference_handlers, probe_handlers = (
+            Handlers(self._executor, self._loop, store, INFERENCE_SERVICE_PREFIX, config.stall_seconds)
+            for store in (tokens, None)
         )
-        add_kserve_v2_service(self._servicer, self._server, inference_handlers, self.dispatcher)
+        add_kserve_v2_service(
+            self._servicer, self._server, inference_handlers, probe_handlers, self.dispatcher
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, INFERENCE_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server
@@ -328,6 +333,7 @@ class GradientServer:
     def _set_health(self, status: int) -> None:
         self._on_loop(self._health.set("", status))
         self._on_loop(self._health.set(SERVICE_NAME, status))
+        self._on_loop(self._health.set(INFERENCE_SERVICE_NAME, status))
 
     def stop(self, grace: float | None = None) -> None:
         """Stops taking calls, gives in-flight calls ``grace`` seconds, then closes.

@@ -3,7 +3,8 @@
 ``inference.GRPCInferenceService``: ServerLive, ServerReady, ModelReady, ServerMetadata,
 ModelMetadata and ModelInfer, each registered through ``handlers.Handlers`` like
 GradientService's methods (token check, request stall timeout, bounded executor, the
-one error map of ``status``); the protocol's other methods are UNIMPLEMENTED. See
+one error map of ``status``); the protocol's other methods are UNIMPLEMENTED. Like
+gRPC health, the liveness and readiness probes answer without a bearer token. See
 ``servicer`` for how ModelInfer runs layergrad.v1's behaviours, ``convert`` and
 docs/kserve-v2.md for the mapping.
 """
@@ -22,14 +23,26 @@ SERVICE_PREFIX = f"/{SERVICE_NAME}/"
 __all__ = ["SERVICE_NAME", "SERVICE_PREFIX", "InferenceServicer", "add_inference_service"]
 
 
-def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server, handlers: Handlers) -> None:
-    """Registers GRPCInferenceService's methods with ``server`` through ``handlers``."""
+#: Answered without a bearer token, like gRPC health: what orchestrators' probes call.
+PROBES = (
+    ("ServerLive", v2.ServerLiveRequest),
+    ("ServerReady", v2.ServerReadyRequest),
+    ("ModelReady", v2.ModelReadyRequest),
+)
+
+
+def add_inference_service(
+    servicer: InferenceServicer, server: grpc.aio.Server, handlers: Handlers, probe_handlers: Handlers
+) -> None:
+    """Registers GRPCInferenceService's methods with ``server``: the probes through
+    ``probe_handlers`` (built without tokens), the others through ``handlers``."""
     methods = {
+        name: probe_handlers.unary(name, getattr(servicer, name), request_type)
+        for name, request_type in PROBES
+    }
+    methods |= {
         name: handlers.unary(name, getattr(servicer, name), request_type, servicer.scopes)
         for name, request_type in (
-            ("ServerLive", v2.ServerLiveRequest),
-            ("ServerReady", v2.ServerReadyRequest),
-            ("ModelReady", v2.ModelReadyRequest),
             ("ServerMetadata", v2.ServerMetadataRequest),
             ("ModelMetadata", v2.ModelMetadataRequest),
             ("ModelInfer", v2.ModelInferRequest),
