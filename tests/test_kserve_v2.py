@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 from layergrad_server._gen.inference import grpc_predict_v2_pb2 as v2
 from layergrad_server._gen.inference import grpc_predict_v2_pb2_grpc as v2_grpc
+from layergrad_server.launch import ServerProcess
 
 Input = v2.ModelInferRequest.InferInputTensor
 Output = v2.ModelInferRequest.InferRequestedOutputTensor
@@ -137,6 +138,24 @@ def test_reflection_and_health_know_the_inference_service(server):
         "ModelInfer",
     ]
     assert server.health("inference.GRPCInferenceService") == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_loading_server_is_live_but_not_ready(weights_file, tmp_path):
+    process = ServerProcess(["--weights", str(weights_file)], tmp_path / "server.log")
+    try:
+        # Returned once the server listens: the model is loading (seconds of work ahead).
+        with grpc.insecure_channel(process.address) as channel:
+            loading = v2_grpc.GRPCInferenceServiceStub(channel)
+            assert loading.ServerLive(v2.ServerLiveRequest(), timeout=60).live
+            assert not loading.ServerReady(v2.ServerReadyRequest(), timeout=60).ready
+            assert not loading.ModelReady(v2.ModelReadyRequest(name="vgg16"), timeout=60).ready
+            request = infer_request([image_input(SMALL)], ["prob"])
+            refused(loading.ModelInfer, request, grpc.StatusCode.UNAVAILABLE, "MODEL_LOADING")
+            process.wait_serving()
+            assert loading.ServerReady(v2.ServerReadyRequest(), timeout=60).ready
+            assert loading.ModelReady(v2.ModelReadyRequest(name="vgg16"), timeout=60).ready
+    finally:
+        assert process.terminate() == 0
 
 
 def test_unknown_models_and_versions_are_not_found(stub):

@@ -135,16 +135,18 @@ def add_kserve_v2_service(
     handlers: Handlers,
     probe_handlers: Handlers,
     dispatcher: Dispatcher | None = None,
+    serving: Callable[[], bool] = lambda: True,
 ) -> None:
     """Registers the Open Inference Protocol (KServe v2) through ``handlers`` (its liveness and
     readiness probes through ``probe_handlers``, which take no token): its ModelInfer
     runs GradientService's Predict and ComputeGradients behaviours as registered above
-    (dispatched like them in a worker of ``--workers N``)."""
+    (dispatched like them in a worker of ``--workers N``); its readiness follows ``serving``."""
     unary: Callable[[str, Callable], Callable] = dispatcher.unary if dispatcher else lambda _, b: b
     inference = InferenceServicer(
         servicer,
         predict=unary("Predict", servicer.Predict),
         compute_gradients=unary("ComputeGradients", servicer.ComputeGradients),
+        serving=serving,
     )
     add_inference_service(inference, server, handlers, probe_handlers)
 
@@ -221,8 +223,14 @@ class GradientServer:
             Handlers(self._executor, self._loop, store, INFERENCE_SERVICE_PREFIX, config.stall_seconds)
             for store in (tokens, None)
         )
+        self._serving = False
         add_kserve_v2_service(
-            self._servicer, self._server, inference_handlers, probe_handlers, self.dispatcher
+            self._servicer,
+            self._server,
+            inference_handlers,
+            probe_handlers,
+            self.dispatcher,
+            serving=lambda: self._serving,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
@@ -331,6 +339,7 @@ class GradientServer:
             self.dispatcher.open()
 
     def _set_health(self, status: int) -> None:
+        self._serving = status == health_pb2.HealthCheckResponse.SERVING
         self._on_loop(self._health.set("", status))
         self._on_loop(self._health.set(SERVICE_NAME, status))
         self._on_loop(self._health.set(INFERENCE_SERVICE_NAME, status))
@@ -347,6 +356,7 @@ class GradientServer:
         """
         grace = self.config.grace_seconds if grace is None else grace
         deadline = time.monotonic() + grace
+        self._serving = False  # KServe v2 readiness, like health
         self._on_loop(self._health.enter_graceful_shutdown())
         logger.info("shutting down; in-flight calls get %.1fs", grace)
         if self.dispatcher is not None:

@@ -37,14 +37,21 @@ class InferenceServicer:
     """GRPCInferenceService on top of GradientService's behaviours.
 
     ``predict`` and ``compute_gradients`` are the layergrad.v1 behaviours exactly as
-    GradientService registers them (wrapped by the dispatcher under ``--workers``).
+    GradientService registers them (wrapped by the dispatcher under ``--workers``);
+    ``serving`` says whether the server's health is SERVING (the model is loaded and
+    the server is not shutting down): ServerReady and ModelReady follow it.
     """
 
     def __init__(
-        self, gradients: GradientServicer, predict: V1Behavior, compute_gradients: V1Behavior
+        self,
+        gradients: GradientServicer,
+        predict: V1Behavior,
+        compute_gradients: V1Behavior,
+        serving: Callable[[], bool] = lambda: True,
     ) -> None:
         self._gradients = gradients
         self._v1 = {"Predict": predict, "ComputeGradients": compute_gradients}
+        self._serving = serving
 
     # ---- the one lookup of a request's model ---------------------------------------
 
@@ -84,11 +91,12 @@ class InferenceServicer:
         return v2.ModelReadyResponse(ready=self._ready(request.name, request.version))
 
     def _ready(self, name: str, version: str) -> bool:
+        """Whether the model serves; NOT_FOUND for a model not served here."""
         try:
             self._engine(name, version)
         except Unavailable:
             return False
-        return True
+        return self._serving()
 
     def ServerMetadata(  # noqa: N802
         self, request: v2.ServerMetadataRequest, context: grpc.ServicerContext
