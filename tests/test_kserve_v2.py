@@ -285,14 +285,27 @@ def test_numeric_options_travel_as_ints_doubles_or_strings(stub, client, value):
     np.testing.assert_array_equal(got, reference.parameters["fc8/b"])
 
 
-def test_softmax_cross_entropy_with_targets(stub, client):
+@pytest.mark.parametrize(
+    ("parameters", "classes", "loss"),
+    [
+        ({"loss": "softmax_cross_entropy"}, [3], layergrad.losses.SoftmaxCrossEntropy([3])),
+        (
+            {"loss": "squared_error", "loss_layer": "prob"},
+            [3],
+            layergrad.losses.SquaredError("prob", target_classes=[3]),
+        ),
+        ({"loss": "sum_of_squares", "loss_layer": "fc7"}, None, layergrad.losses.SumOfSquares("fc7")),
+    ],
+    ids=["softmax_cross_entropy", "squared_error", "sum_of_squares"],
+)
+def test_every_loss_of_the_parameters_is_layergrad_v1s(stub, client, parameters, classes, loss):
     image = make_rgb(6, 64, 64)
-    request = infer_request(
-        [image_input(image[None]), targets_input([3])], ["grad/fc8/b", "loss"], loss="softmax_cross_entropy"
+    inputs = [image_input(image[None])] + ([targets_input(classes)] if classes else [])
+    got = outputs_of(
+        stub.ModelInfer(infer_request(inputs, ["grad/fc7/b", "loss"], **parameters), timeout=300)
     )
-    got = outputs_of(stub.ModelInfer(request, timeout=300))
-    reference = client.gradients(image, layergrad.losses.SoftmaxCrossEntropy([3]), parameters=["fc8/b"])
-    np.testing.assert_array_equal(got["grad/fc8/b"], reference.parameters["fc8/b"])
+    reference = client.gradients(image, loss, parameters=["fc7/b"])
+    np.testing.assert_array_equal(got["grad/fc7/b"], reference.parameters["fc7/b"])
     assert got["loss"].tolist() == [reference.loss]
 
 
