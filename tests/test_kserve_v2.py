@@ -36,8 +36,11 @@ def image_input(array: np.ndarray, **parameters: v2.InferParameter) -> tuple[Inp
     return Input(name="input", datatype="UINT8", shape=array.shape, parameters=parameters), array.tobytes()
 
 
-def targets_input(classes: list[int]) -> tuple[Input, bytes]:
-    return Input(name="targets", datatype="INT64", shape=[len(classes)]), np.asarray(classes, "<i8").tobytes()
+def targets_input(classes: list[int], datatype: str = "INT64") -> tuple[Input, bytes]:
+    dtype = {"INT64": "<i8", "INT32": "<i4"}[datatype]
+    return Input(name="targets", datatype=datatype, shape=[len(classes)]), np.asarray(
+        classes, dtype
+    ).tobytes()
 
 
 def infer_request(
@@ -192,9 +195,11 @@ def test_forward_of_every_input_form_equals_predict(stub, client):
     reference = client.predict(list(images), layers=("fc7", "prob"))
     # kserve's client adds binary_data_size to every input: input parameters are ignored.
     uint8 = image_input(images, binary_data_size=v2.InferParameter(int64_param=images.nbytes))
-    response = stub.ModelInfer(infer_request([uint8], ["prob", "fc7"]), timeout=300)
+    request = infer_request([uint8], ["prob", "fc7"])
+    request.id = "forward-1"
+    response = stub.ModelInfer(request, timeout=300)
     assert [t.name for t in response.outputs] == ["prob", "fc7"]  # the requested order
-    assert (response.model_name, response.model_version) == ("vgg16", "1")
+    assert (response.model_name, response.model_version, response.id) == ("vgg16", "1", "forward-1")
     got = outputs_of(response)
     np.testing.assert_array_equal(got["prob"], reference["prob"])
     np.testing.assert_array_equal(got["fc7"], reference["fc7"])
@@ -300,7 +305,9 @@ def test_numeric_options_travel_as_ints_doubles_or_strings(stub, client, value):
 )
 def test_every_loss_of_the_parameters_is_layergrad_v1s(stub, client, parameters, classes, loss):
     image = make_rgb(6, 64, 64)
-    inputs = [image_input(image[None])] + ([targets_input(classes)] if classes else [])
+    # INT32 classes are accepted as well as INT64.
+    datatype = "INT32" if parameters["loss"] == "squared_error" else "INT64"
+    inputs = [image_input(image[None])] + ([targets_input(classes, datatype)] if classes else [])
     got = outputs_of(
         stub.ModelInfer(infer_request(inputs, ["grad/fc7/b", "loss"], **parameters), timeout=300)
     )
