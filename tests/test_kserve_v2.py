@@ -216,7 +216,7 @@ def test_forward_of_every_input_form_equals_predict(stub, client):
         Input(name="input", datatype="FP32", shape=[1, *prepared.shape]),
         prepared.astype("<f4").tobytes(),
     )
-    response = stub.ModelInfer(infer_request([tensor], ["prob"], output_datatype="FP16"), timeout=300)
+    response = stub.ModelInfer(infer_request([tensor], ["prob"], output_datatype="fp16"), timeout=300)
     assert response.outputs[0].datatype == "FP16"
     prob = client.predict(prepared, layers=("prob",), dtype="float16")["prob"]
     np.testing.assert_array_equal(outputs_of(response)["prob"], prob)
@@ -403,7 +403,7 @@ BAD = grpc.StatusCode.INVALID_ARGUMENT
         (
             infer_request([image_input(SMALL)], ["grad/input"], output_datatype="FP64"),
             "BAD_PARAMETER",
-            ["'output_datatype'", "fp16"],
+            ["'output_datatype'", "FP32, FP16", "'FP64'"],
         ),
         # What layergrad.v1 validates comes back as its own error.
         (

@@ -113,16 +113,18 @@ def _parameter(value: v2.InferParameter) -> bool | int | float | str | None:
 def _text_parameter(
     parameters: Mapping[str, v2.InferParameter], name: str, valid: Sequence[str]
 ) -> str | None:
+    """A string option, one of ``valid`` in any letter case; returned as ``valid`` spells it."""
     if name not in parameters:
         return None
     value = _parameter(parameters[name])
-    if not isinstance(value, str) or value.lower() not in valid:
+    spelled = {choice.lower(): choice for choice in valid}
+    if not isinstance(value, str) or value.strip().lower() not in spelled:
         raise InvalidArgument(
             f"parameter {name!r} must be a string, one of {', '.join(valid)}; got {_shown_value(value)}",
             field=f"parameters[{name}]",
             reason="BAD_PARAMETER",
         )
-    return value.lower()
+    return spelled[value.strip().lower()]
 
 
 def _integer_parameter(parameters: Mapping[str, v2.InferParameter], name: str) -> int | None:
@@ -374,10 +376,8 @@ def to_v1(
                 reason="DUPLICATE_OUTPUT",
             )
         seen.add(name)
-    output_name = _text_parameter(
-        parameters, "output_datatype", tuple(n.lower() for n in OUTPUT_DTYPE_PARAMETER)
-    )
-    dtype = pb.DATA_TYPE_FLOAT32 if output_name is None else OUTPUT_DTYPE_PARAMETER[output_name.upper()]
+    output_name = _text_parameter(parameters, "output_datatype", tuple(OUTPUT_DTYPE_PARAMETER))
+    dtype = pb.DATA_TYPE_FLOAT32 if output_name is None else OUTPUT_DTYPE_PARAMETER[output_name]
     gradients = any(name.startswith(GRADIENT_PREFIX) for name in outputs)
     layers: list[str] = []
     targets = pb.GradientTargets()
