@@ -1,5 +1,5 @@
-"""Assembles the gRPC server: GradientService, health, reflection, error mapping,
-admission control, TLS and bearer tokens."""
+"""Assembles the gRPC server: GradientService, the Open Inference Protocol (KServe v2) beside it,
+health, reflection, error mapping, admission control, TLS and bearer tokens."""
 
 from __future__ import annotations
 
@@ -219,9 +219,12 @@ class GradientServer:
         self._health = health_async.HealthServicer()
         handlers = Handlers(self._executor, self._loop, tokens, f"/{SERVICE_NAME}/", config.stall_seconds)
         add_gradient_service(self._servicer, self._server, handlers, self.dispatcher)
-        inference_handlers, probe_handlers = (
-            Handlers(self._executor, self._loop, store, INFERENCE_SERVICE_PREFIX, config.stall_seconds)
-            for store in (tokens, None)
+        # KServe v2 beside it; its liveness and readiness probes take no token, like health.
+        inference_handlers = Handlers(
+            self._executor, self._loop, tokens, INFERENCE_SERVICE_PREFIX, config.stall_seconds
+        )
+        probe_handlers = Handlers(
+            self._executor, self._loop, None, INFERENCE_SERVICE_PREFIX, config.stall_seconds
         )
         self._serving = False
         add_kserve_v2_service(
