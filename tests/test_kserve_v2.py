@@ -481,3 +481,26 @@ def test_a_result_over_the_unary_cap_names_the_stream(guarded):
         metadata=as_token("all"),
     )
     assert "layergrad.v1" in message
+
+
+def test_a_model_taking_any_size_above_a_minimum_says_so():
+    """Adapters with a minimum input size (the ResNets) take FP32 batches of any larger height and
+    width: metadata gives -1 for them, and a smaller batch is refused naming the minimum."""
+    from layergrad_server.errors import InvalidArgument
+    from layergrad_server.kserve_v2 import convert
+    from layergrad_server.models.base import InputSpec
+
+    spec = InputSpec((3, 224, 224), min_size=(32, 32))
+    assert convert.prepared_shape(spec) == [3, -1, -1]
+    assert convert.prepared_shape(InputSpec((3, 224, 224))) == [3, 224, 224]
+    names = convert.ModelNames(layers=("prob",), parameters=())
+
+    def call(shape: list[int]) -> convert.V1Call:
+        data = np.zeros(shape, "<f4").tobytes()
+        request = infer_request([(Input(name="input", datatype="FP32", shape=shape), data)], ["prob"])
+        return convert.to_v1(request, names, spec, "prob", "prob")
+
+    assert len(call([2, 3, 40, 50]).request.inputs) == 2
+    with pytest.raises(InvalidArgument) as caught:
+        call([1, 3, 16, 50])
+    assert "H >= 32 and W >= 32" in caught.value.message and caught.value.reason == "BAD_SHAPE"

@@ -25,6 +25,7 @@ from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
 
 from layergrad_server._gen.inference import grpc_predict_v2_pb2 as v2
 from layergrad_server.errors import InvalidArgument, names_hint, shown
+from layergrad_server.models.base import InputSpec
 
 #: The input tensor holding the images (any of the three forms).
 IMAGE_INPUT = "input"
@@ -256,17 +257,30 @@ def _input_data(
     return elements
 
 
-def _images(request: v2.ModelInferRequest, index: int, input_shape: tuple[int, ...]) -> list[pb.Input]:
+def prepared_shape(spec: InputSpec) -> list[int]:
+    """One prepared input's shape as v2 metadata gives it: -1 for a height and width of any size
+    above the model's minimum."""
+    if spec.min_size is None:
+        return list(spec.shape)
+    return [spec.shape[0], *([-1] * (len(spec.shape) - 1))]
+
+
+def _images(request: v2.ModelInferRequest, index: int, spec: InputSpec) -> list[pb.Input]:
     """The image input as layergrad.v1 inputs, one per item of the batch."""
     tensor = request.inputs[index]
     field = f"inputs[{index}]"
     shape = _shape(tensor, field)
     datatype = tensor.datatype
     if datatype == "FP32":
-        if shape[1:] != input_shape:
+        if not spec.accepts(shape[1:]):
+            sizes = ", ".join(map(str, spec.shape))
+            if spec.min_size is not None:
+                sizes = f"{spec.shape[0]}, H, W] with H >= {spec.min_size[0]} and W >= {spec.min_size[1]}"
+            else:
+                sizes += "]"
             raise InvalidArgument(
-                f"an FP32 input {IMAGE_INPUT!r} is a prepared batch of shape "
-                f"[N, {', '.join(map(str, input_shape))}] (NCHW, BGR, mean subtracted); got {list(shape)}",
+                f"an FP32 input {IMAGE_INPUT!r} is a prepared batch of shape [N, {sizes} "
+                f"(NCHW, {spec.channel_order}, mean subtracted); got {list(shape)}",
                 field=f"{field}.shape",
                 reason="BAD_SHAPE",
             )
@@ -348,7 +362,7 @@ def _gradient_target(name: str, names: ModelNames, targets: pb.GradientTargets, 
 def to_v1(
     request: v2.ModelInferRequest,
     names: ModelNames,
-    input_shape: tuple[int, ...],
+    input_spec: InputSpec,
     default_output: str,
     default_loss_layer: str,
     *,
@@ -428,7 +442,7 @@ def to_v1(
             reason="BAD_CONTENTS",
         )
     if with_inputs:
-        inputs = _images(request, input_names.index(IMAGE_INPUT), input_shape)
+        inputs = _images(request, input_names.index(IMAGE_INPUT), input_spec)
     if TARGETS_INPUT in input_names:
         if not gradients:
             raise InvalidArgument(

@@ -108,7 +108,7 @@ class InferenceServicer:
     ) -> v2.ModelMetadataResponse:
         model = self._engine(request.name, request.version)
         tensor = v2.ModelMetadataResponse.TensorMetadata
-        input_shape = list(model.input_shape)
+        input_shape = convert.prepared_shape(model.adapter.input_spec)
         outputs = [
             tensor(name=name, datatype="FP32", shape=[-1, *shape]) for name, shape in model.layer_info()
         ]
@@ -143,7 +143,7 @@ class InferenceServicer:
         return convert.to_v1(
             request,
             names,
-            tuple(model.input_shape),
+            adapter.input_spec,
             adapter.probability_layer or adapter.default_output,
             adapter.logits_layer or adapter.default_output,
             with_inputs=with_inputs,
