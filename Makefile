@@ -8,7 +8,7 @@ SERVER_ARGS ?=
 LOADTEST_ARGS ?=
 SOAK_ARGS ?=
 
-.PHONY: help setup run serve demo test lint proto proto-check bench loadtest soak clean
+.PHONY: help setup client-env run serve demo test lint proto proto-check bench loadtest soak clean
 
 # Plain `make` prints this list and installs nothing.
 help:
@@ -16,7 +16,8 @@ help:
 	@echo "  setup       create .venv and install Chainer, the server and the SDK (editable) with dev tools"
 	@echo "  run         install without dev tools, start a server on a free port, demo every call, stop it"
 	@echo "  serve       install without dev tools, run the server on $(ADDRESS) (ADDRESS=..., SERVER_ARGS=...)"
-	@echo "  test        the test suite (installs the dev tools)"
+	@echo "  test        the test suite (installs the dev tools; the KServe v2 client tests build .venv-clients)"
+	@echo "  client-env  build .venv-clients: tritonclient[grpc] and kserve, for the KServe v2 client tests"
 	@echo "  lint        ruff check and format check"
 	@echo "  proto       regenerate the committed stubs; proto-check fails if they are stale"
 	@echo "  bench       service vs in-process Chainer; loadtest: N clients against one server"
@@ -41,6 +42,11 @@ run: $(VENV)/.installed-server
 serve: $(VENV)/.installed-server
 	$(VENV)/bin/layergrad-server --address $(ADDRESS) $(SERVER_ARGS)
 
+# The real KServe v2 clients need protobuf < 7: their own environment, reused while current.
+# The tests build it themselves when needed; this target builds it ahead.
+client-env:
+	scripts/client_env.sh
+
 test: setup
 	$(PY) -m pytest tests
 
@@ -53,8 +59,8 @@ proto: setup
 
 # Fails when the committed stubs differ from what `make proto` generates.
 proto-check: proto
-	git diff --exit-code -- client/layergrad/_gen server/layergrad_server/weights/_gen
-	test -z "$$(git status --porcelain -- client/layergrad/_gen server/layergrad_server/weights/_gen)"
+	git diff --exit-code -- client/layergrad/_gen server/layergrad_server/_gen server/layergrad_server/weights/_gen
+	test -z "$$(git status --porcelain -- client/layergrad/_gen server/layergrad_server/_gen server/layergrad_server/weights/_gen)"
 
 bench: setup
 	$(PY) scripts/bench.py
@@ -69,4 +75,4 @@ soak: setup
 	$(PY) scripts/soak.py $(SOAK_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info client/*.egg-info server/*.egg-info
+	rm -rf $(VENV) .venv-clients build *.egg-info client/*.egg-info server/*.egg-info

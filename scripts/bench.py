@@ -53,6 +53,8 @@ for _path in (ROOT / "client", ROOT / "server"):
 
 import grpc  # noqa: E402
 import layergrad  # noqa: E402
+from layergrad_server._gen.inference import grpc_predict_v2_pb2 as v2  # noqa: E402
+from layergrad_server._gen.inference import grpc_predict_v2_pb2_grpc as v2_grpc  # noqa: E402
 from layergrad_server.weights.convert import VGG16_LAYOUT  # noqa: E402
 
 SEED = 0
@@ -1005,6 +1007,13 @@ def body(
         times=args.input_repeat,
     )
 
+    # The same input gradient through the KServe v2 protocol: ModelInfer runs layergrad.v1's
+    # ComputeGradients, so the difference is the protocol's conversion and one unary message.
+    sections.start("kserve_v2")
+    report["kserve_v2"] = kserve_v2_input_gradient(
+        server.address, client, x, score, args.input_repeat, warmup
+    )
+
     # Stock Chainer (without layergrad's CPU kernels) on the same input, pairs with the fast kernels.
     sections.start("stock_kernels")
     stock_t, fast_t = [], []
@@ -1157,6 +1166,41 @@ def body(
     client.close()
 
 
+def kserve_v2_input_gradient(
+    address: str, client: layergrad.Client, x: np.ndarray, loss: Any, repeat: int, warmup: int
+) -> dict[str, Any]:
+    """layergrad.v1's input gradient (the SDK) against KServe v2 ModelInfer (FP32 prepared input,
+    INT64 targets, output grad/input) for the same input, timed in pairs."""
+    request = v2.ModelInferRequest(
+        model_name="vgg16",
+        inputs=[
+            v2.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=list(x.shape)),
+            v2.ModelInferRequest.InferInputTensor(name="targets", datatype="INT64", shape=[len(x)]),
+        ],
+        outputs=[v2.ModelInferRequest.InferRequestedOutputTensor(name="grad/input")],
+        raw_input_contents=[x.astype("<f4").tobytes(), np.full(len(x), CLASS, "<i8").tobytes()],
+    )
+    request.parameters["loss_layer"].string_param = "fc8"
+    with grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", -1)]) as channel:
+        infer = v2_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+
+        def via_v2() -> np.ndarray:
+            response = infer(request, timeout=600)
+            return np.frombuffer(response.raw_output_contents[0], "<f4").reshape(response.outputs[0].shape)
+
+        timing = side_by_side(lambda: client.input_gradient(x, loss), via_v2, repeat, warmup)
+    v1_s, v2_s = median(timing["a"]), median(timing["b"])
+    return {
+        "layergrad_v1_s": timing["a"],
+        "kserve_v2_s": timing["b"],
+        "layergrad_v1_median_s": v1_s,
+        "kserve_v2_median_s": v2_s,
+        "v2_over_v1": v2_s / v1_s,
+        "bit_identical": bool(np.array_equal(timing["result_a"], timing["result_b"])),
+        "pairs": len(timing["a"]),
+    }
+
+
 def case_entry(label: str, timing: dict[str, Any], max_diff: float) -> dict[str, Any]:
     ta, tb = timing["a"], timing["b"]
     return {
@@ -1278,6 +1322,12 @@ def render(report: dict[str, Any]) -> str:
             f"{c['label']:<38}{fmt_s(c['in_process_median_s']):>12}{fmt_s(c['service_median_s']):>12}"
             f"{c['ratio']:>8.3f}  {note}"
         )
+    kv = report["kserve_v2"]
+    lines.append(
+        f"{'KServe v2 ModelInfer input gradient':<38}{'':>12}{fmt_s(kv['kserve_v2_median_s']):>12}{'':>8}  "
+        f"v2/layergrad.v1 {kv['v2_over_v1']:.3f} (v1 {fmt_s(kv['layergrad_v1_median_s']).strip()}), "
+        f"n={kv['pairs']}, bit-identical {kv['bit_identical']}"
+    )
     k = report["cpu_kernels"]
     lines.append(
         f"{'stock Chainer (no layergrad kernels)':<38}{fmt_s(k['stock_median_s']):>12}{'':>20}  "

@@ -42,6 +42,8 @@ from layergrad_server.status import internal_status, required_scopes, status_for
 logger = logging.getLogger(__name__)
 
 Behavior = Callable[[Any, "ThreadContext"], Any]
+# The token scopes a call needs, from its method name and request (``status.required_scopes``).
+Scopes = Callable[[str, Any], set[str]]
 StreamBehavior = Callable[[Any, "ThreadContext"], Iterator[Any]]
 
 # Stream messages produced ahead of the one being sent (1 MiB each by default).
@@ -139,8 +141,15 @@ class Handlers:
         self._prefix = service_prefix
         self._stall_seconds = stall_seconds
 
-    def unary(self, method: str, behavior: Behavior, request_type: type[Message]) -> grpc.RpcMethodHandler:
-        """A unary-response method handler running ``behavior`` in the executor."""
+    def unary(
+        self,
+        method: str,
+        behavior: Behavior,
+        request_type: type[Message],
+        scopes: Scopes = required_scopes,
+    ) -> grpc.RpcMethodHandler:
+        """A unary-response method handler running ``behavior`` in the executor; ``scopes`` says
+        which token scopes a request needs."""
 
         async def handle(requests: Any, context: grpc.aio.ServicerContext) -> bytes:
             call = ThreadContext(context, self._loop)
@@ -148,7 +157,7 @@ class Handlers:
             if not isinstance(data, bytes):
                 await context.abort_with_status(data)
             future = self._loop.run_in_executor(
-                self._executor, self._run_unary, method, behavior, request_type, data, call
+                self._executor, self._run_unary, method, behavior, request_type, data, call, scopes
             )
             try:
                 answer = await future
@@ -236,7 +245,14 @@ class Handlers:
         logger.info("%s%s refused: %s %s", self._prefix, method, error.status, error.message)
         return status_for(error)
 
-    def _parse(self, method: str, request_type: type[Message], data: bytes, call: ThreadContext) -> Any:
+    def _parse(
+        self,
+        method: str,
+        request_type: type[Message],
+        data: bytes,
+        call: ThreadContext,
+        scopes: Scopes = required_scopes,
+    ) -> Any:
         """The request message, once its bytes parse and the caller's token has its scopes."""
         try:
             request = request_type.FromString(data)
@@ -247,7 +263,7 @@ class Handlers:
             ) from None
         if self._tokens is not None:
             principal = self._tokens.authenticate(_authorization(call.invocation_metadata()))
-            principal.require(required_scopes(method, request))
+            principal.require(scopes(method, request))
         return request
 
     def _run_unary(
@@ -257,10 +273,11 @@ class Handlers:
         request_type: type[Message],
         data: bytes,
         call: ThreadContext,
+        scopes: Scopes,
     ) -> bytes | grpc.Status:
         """In the executor: the serialized answer, or the status ending the call."""
         try:
-            answer = behavior(self._parse(method, request_type, data, call), call)
+            answer = behavior(self._parse(method, request_type, data, call, scopes), call)
             return answer if isinstance(answer, bytes) else answer.SerializeToString()
         except LayergradError as error:
             return self._refused(method, error)

@@ -98,7 +98,7 @@ class Registry:
         if version and version != found.version:
             raise NotFound(
                 f"model {found.name!r} has no version {shown(version)}; served version: {found.version!r}",
-                reason="MODEL_NOT_FOUND",
+                reason="MODEL_VERSION_NOT_FOUND",
             )
         return found
 

@@ -1,5 +1,5 @@
-"""Assembles the gRPC server: GradientService, health, reflection, error mapping,
-admission control, TLS and bearer tokens."""
+"""Assembles the gRPC server: GradientService, the Open Inference Protocol (KServe v2) beside it,
+health, reflection, error mapping, admission control, TLS and bearer tokens."""
 
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ from layergrad_server.auth import TokenStore
 from layergrad_server.config import MIB, ServerConfig
 from layergrad_server.engine import Engine, WeightsSource
 from layergrad_server.handlers import Handlers
+from layergrad_server.kserve_v2 import SERVICE_NAME as INFERENCE_SERVICE_NAME
+from layergrad_server.kserve_v2 import SERVICE_PREFIX as INFERENCE_SERVICE_PREFIX
+from layergrad_server.kserve_v2 import InferenceServicer, add_inference_service
 from layergrad_server.models.repository import ModelConfig, default_models
 from layergrad_server.registry import ModelEntry, ModelState, Registry
 from layergrad_server.servicer import GradientServicer
@@ -134,6 +137,28 @@ def add_gradient_service(
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, methods),))
 
 
+def add_kserve_v2_service(
+    servicer: GradientServicer,
+    server: grpc.aio.Server,
+    handlers: Handlers,
+    probe_handlers: Handlers,
+    dispatcher: Dispatcher | None = None,
+    serving: Callable[[], bool] = lambda: True,
+) -> None:
+    """Registers the Open Inference Protocol (KServe v2) through ``handlers`` (its liveness and
+    readiness probes through ``probe_handlers``, which take no token): its ModelInfer
+    runs GradientService's Predict and ComputeGradients behaviours as registered above
+    (dispatched like them in a worker of ``--workers N``); its readiness follows ``serving``."""
+    unary: Callable[[str, Callable], Callable] = dispatcher.unary if dispatcher else lambda _, b: b
+    inference = InferenceServicer(
+        servicer,
+        predict=unary("Predict", servicer.Predict),
+        compute_gradients=unary("ComputeGradients", servicer.ComputeGradients),
+        serving=serving,
+    )
+    add_inference_service(inference, server, handlers, probe_handlers)
+
+
 def apply_cpu_kernels(choice: str, model: Engine) -> str:
     """Puts the fast CPU kernels in place (``choice`` 'fast') or Chainer's own ('stock') for a
     model on the CPU; returns what the model's device runs ('-' on other devices)."""
@@ -224,9 +249,25 @@ class GradientServer:
         self.models.on_change(self._model_changed)
         handlers = Handlers(self._executor, self._loop, tokens, f"/{SERVICE_NAME}/", config.stall_seconds)
         add_gradient_service(self._servicer, self._server, handlers, self.dispatcher)
+        # KServe v2 beside it; its liveness and readiness probes take no token, like health.
+        inference_handlers = Handlers(
+            self._executor, self._loop, tokens, INFERENCE_SERVICE_PREFIX, config.stall_seconds
+        )
+        probe_handlers = Handlers(
+            self._executor, self._loop, None, INFERENCE_SERVICE_PREFIX, config.stall_seconds
+        )
+        self._serving = False
+        add_kserve_v2_service(
+            self._servicer,
+            self._server,
+            inference_handlers,
+            probe_handlers,
+            self.dispatcher,
+            serving=lambda: self._serving,
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
-            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server
+            [SERVICE_NAME, INFERENCE_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server
         )
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         credentials = server_credentials(config)
@@ -352,8 +393,10 @@ class GradientServer:
                 self.dispatcher.open()
 
     def _set_health(self, status: int) -> None:
+        self._serving = status == health_pb2.HealthCheckResponse.SERVING
         self._on_loop(self._health.set("", status))
         self._on_loop(self._health.set(SERVICE_NAME, status))
+        self._on_loop(self._health.set(INFERENCE_SERVICE_NAME, status))
 
     def stop(self, grace: float | None = None) -> None:
         """Stops taking calls, gives in-flight calls ``grace`` seconds, then closes.
@@ -367,6 +410,7 @@ class GradientServer:
         """
         grace = self.config.grace_seconds if grace is None else grace
         deadline = time.monotonic() + grace
+        self._serving = False  # KServe v2 readiness, like health
         self._on_loop(self._health.enter_graceful_shutdown())
         logger.info("shutting down; in-flight calls get %.1fs", grace)
         if self.dispatcher is not None:

@@ -34,7 +34,8 @@ class GradientServiceStub:
     optionally `model_version`); an empty `model` means the server's default
     model (ListModelsResponse.default_model; VGG16 unless configured otherwise),
     an empty `model_version` its served version. A model that is not served is
-    NOT_FOUND (reason MODEL_NOT_FOUND, the message lists the served ones); one
+    NOT_FOUND (reason MODEL_NOT_FOUND, the message lists the served ones; a
+    version not served: MODEL_VERSION_NOT_FOUND); one
     still loading is UNAVAILABLE (reason MODEL_LOADING: retry); one that failed
     to load is FAILED_PRECONDITION (reason MODEL_LOAD_FAILED, with the cause).
 
@@ -88,7 +89,8 @@ class GradientServiceServicer:
     optionally `model_version`); an empty `model` means the server's default
     model (ListModelsResponse.default_model; VGG16 unless configured otherwise),
     an empty `model_version` its served version. A model that is not served is
-    NOT_FOUND (reason MODEL_NOT_FOUND, the message lists the served ones); one
+    NOT_FOUND (reason MODEL_NOT_FOUND, the message lists the served ones; a
+    version not served: MODEL_VERSION_NOT_FOUND); one
     still loading is UNAVAILABLE (reason MODEL_LOADING: retry); one that failed
     to load is FAILED_PRECONDITION (reason MODEL_LOAD_FAILED, with the cause).
 
@@ -242,7 +244,8 @@ class GradientService:
     optionally `model_version`); an empty `model` means the server's default
     model (ListModelsResponse.default_model; VGG16 unless configured otherwise),
     an empty `model_version` its served version. A model that is not served is
-    NOT_FOUND (reason MODEL_NOT_FOUND, the message lists the served ones); one
+    NOT_FOUND (reason MODEL_NOT_FOUND, the message lists the served ones; a
+    version not served: MODEL_VERSION_NOT_FOUND); one
     still loading is UNAVAILABLE (reason MODEL_LOADING: retry); one that failed
     to load is FAILED_PRECONDITION (reason MODEL_LOAD_FAILED, with the cause).
 
