@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import types
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -390,6 +391,22 @@ def test_npz_for_a_model_is_checked_against_its_layout(isolated_env: Path) -> No
     message = str(info.value)
     assert message.startswith(f"weights file {path} cannot be loaded into ResNet50 (npz:{path}): ")
     assert "missing array fc6/b" in message and message.endswith(". Delete or replace it.")
+
+
+def test_npz_with_arrays_the_model_lacks_is_rejected_but_the_projects_markers_are_not(
+    resnet50: Caffe, tmp_path: Path
+) -> None:
+    path = convert_caffemodel(resnet50.path, tmp_path / "r50.npz", "resnet50")
+    with zipfile.ZipFile(path, "a") as archive:
+        with archive.open("layergrad_random_seed.npy", "w") as member:
+            np.lib.format.write_array(member, np.array(3, dtype=np.int64))
+    assert check_npz(path, model="resnet50", deep=True) == []
+    with zipfile.ZipFile(path, "a") as archive:
+        with archive.open("res6/a/conv1/W.npy", "w") as member:
+            np.lib.format.write_array(member, np.zeros(2, np.float32))
+    assert check_npz(path, model="resnet50") == [
+        "1 array(s) that ResNet50 does not have (res6/a/conv1/W): another model's weights?"
+    ]
 
 
 def test_unknown_model_is_rejected_naming_the_built_in_ones(isolated_env: Path) -> None:

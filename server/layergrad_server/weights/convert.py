@@ -278,6 +278,10 @@ VGG16_LAYER_TYPES: Mapping[str, str] = {
 #: Total number of float parameters in VGG16 (138,357,544).
 VGG16_PARAMETER_COUNT: int = MODELS["vgg16"].parameter_count
 
+#: Arrays named with this prefix are the project's own markers, not weights (``layergrad_random_seed``:
+#: the seed of a file of random weights); Chainer's loaders ignore them, and so does :func:`check_npz`.
+MARKER_PREFIX = "layergrad_"
+
 _V1_TYPE_NAMES: Mapping[int, str] = {
     caffe_pb2.V1LayerParameter.CONVOLUTION: "Convolution",
     caffe_pb2.V1LayerParameter.INNER_PRODUCT: "InnerProduct",
@@ -550,7 +554,8 @@ def check_npz(path: str | os.PathLike[str], *, deep: bool = False, model: str = 
     Checks that the file is a readable npz holding every expected key with the
     expected shape and a floating dtype (an integer one for BatchNormalization's
     sample counts), reading only the array headers, and no other array (another
-    model's file can hold all of this one's: VGG19's holds every VGG16 key). With
+    model's file can hold all of this one's: VGG19's holds every VGG16 key) but
+    the project's own markers (:data:`MARKER_PREFIX`). With
     ``deep`` it also reads every array (which verifies the zip checksums) and
     rejects non-finite values.
     """
@@ -586,7 +591,11 @@ def check_npz(path: str | os.PathLike[str], *, deep: bool = False, model: str = 
                         array = np.lib.format.read_array(stream)
                     if not np.isfinite(array).all():
                         problems.append(f"non-finite values in {key}")
-            extra = sorted(name.removesuffix(".npy") for name in members - {f"{k}.npy" for k in spec.layout})
+            extra = sorted(
+                name.removesuffix(".npy")
+                for name in members - {f"{k}.npy" for k in spec.layout}
+                if not name.startswith(MARKER_PREFIX)
+            )
             if extra:
                 problems.append(
                     f"{len(extra)} array(s) that {spec.display} does not have ({', '.join(extra[:3])}"
