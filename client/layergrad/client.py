@@ -74,8 +74,8 @@ from layergrad._tensors import (
     TensorKey,
     _ChunkAssembler,
     dtype_name,
-    from_tensor,
     parse_stream_chunk,
+    result_from_tensor,
     touch_pages,
 )
 from layergrad.errors import (
@@ -135,7 +135,7 @@ _WAIT_REASONS = frozenset({"MODEL_LOADING"})
 _T = TypeVar("_T")
 Names: TypeAlias = str | Sequence[str]
 """Layer or parameter names: one name, a list of names, or "all" where allowed."""
-OutputDType: TypeAlias = Literal["float32", "float16"] | npt.DTypeLike
+OutputDType: TypeAlias = Literal["float32", "float16", "bfloat16"] | npt.DTypeLike
 
 
 class Pattern(enum.StrEnum):
@@ -461,14 +461,17 @@ class Client:
         ``progress`` called after each (see :meth:`gradients`).
         """
         request = pb.PredictRequest(
-            inputs=to_inputs(images), layers=_names(layers, "layers"), output_dtype=_output_dtype(dtype)
+            inputs=to_inputs(images),
+            layers=_names(layers, "layers"),
+            output_dtype=_output_dtype(dtype),
+            float16_scaling=True,
         )
 
         def run(part: pb.PredictRequest) -> dict[str, np.ndarray]:
             response = self._invoke(
                 lambda kwargs: self._stub.Predict(part, **kwargs), timeout, wait_for_ready
             )
-            return {named.name: from_tensor(named.tensor) for named in response.activations}
+            return {named.name: result_from_tensor(named.tensor) for named in response.activations}
 
         batch = len(request.inputs)
         whole, limit = self._whole_or_limit(lambda: run(request), batch, progress, timeout)
@@ -476,7 +479,9 @@ class Client:
             return whole
         parts = []
         for start, stop in _batching.bounds(batch, limit):
-            part = pb.PredictRequest(layers=request.layers, output_dtype=request.output_dtype)
+            part = pb.PredictRequest(
+                layers=request.layers, output_dtype=request.output_dtype, float16_scaling=True
+            )
             part.inputs.extend(request.inputs[start:stop])
             parts.append(run(part))
             if progress is not None:
@@ -527,7 +532,14 @@ class Client:
                 Not allowed with pattern "backward".
             input: whether to return the gradient with respect to the prepared input.
             activations: layers whose forward outputs to return too.
-            dtype: element type of the returned tensors, "float32" or "float16".
+            dtype: element type on the wire, "float32", "float16" or "bfloat16". The two
+                reduced types halve the bytes sent and come back as float32 arrays holding
+                the values received: bfloat16 keeps float32's range with 8 significant bits;
+                float16 keeps 11, each tensor scaled by a power of two into float16's range
+                on the server and unscaled here. A tensor float16 (or bfloat16) cannot hold
+                without a value becoming infinite or zero raises OutOfRange (reason
+                FLOAT16_OUT_OF_RANGE or BFLOAT16_OUT_OF_RANGE; ``error_info.metadata`` counts
+                the values) rather than lose them.
             timeout: deadline of the whole call in seconds; None uses the client's timeout.
             shared_memory: have the server write the result into this Client's POSIX shared
                 memory region (the ExportGradients RPC) instead of sending it over the
@@ -756,7 +768,7 @@ class Client:
                 lambda kwargs: self._stub.ComputeGradients(part, **kwargs), timeout, wait_for_ready
             )
             tensors = [
-                AssembledTensor(named.name, named.kind, from_tensor(named.tensor))
+                AssembledTensor(named.name, named.kind, result_from_tensor(named.tensor))
                 for named in [*response.gradients, *response.activations]
             ]
             return _gradient_result(tensors, response.loss if response.HasField("loss") else None)
@@ -1030,6 +1042,7 @@ def _gradients_request(
         targets=targets,
         activation_layers=_names(activations, "activations"),
         output_dtype=_output_dtype(dtype),
+        float16_scaling=True,  # this SDK undoes the scale (see _tensors.decode_into)
     )
 
 
@@ -1066,6 +1079,8 @@ def _pattern(pattern: Pattern | str) -> int:
 
 
 def _output_dtype(dtype: OutputDType) -> int:
+    if isinstance(dtype, str) and dtype == "bfloat16":
+        return pb.DATA_TYPE_BFLOAT16
     try:
         dt = np.dtype(dtype)
     except TypeError:
@@ -1074,7 +1089,7 @@ def _output_dtype(dtype: OutputDType) -> int:
         return pb.DATA_TYPE_FLOAT32
     if dt == np.float16:
         return pb.DATA_TYPE_FLOAT16
-    raise ValueError(f"dtype must be 'float32' or 'float16', not {dtype!r}")
+    raise ValueError(f"dtype must be 'float32', 'float16' or 'bfloat16', not {dtype!r}")
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,14 @@ finite non-zero magnitude already lies in float16's normal range [2**-14, 65504]
 else ``15 - k`` where ``2**(k-1) <= max|x| < 2**k``, which puts the largest magnitude
 in [2**14, 2**15). The receiver multiplies by ``2**-e``; being a power of two, the
 scale adds no rounding of its own. Infinities and NaN pass through unchanged.
+Without scaling (``e`` = 0) values outside [2**-25, 65520) become zero or infinity;
+with it, only values below about 2**-39 of the largest still become zero. ``encode``
+counts both, so that the server can refuse a tensor rather than lose values.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
@@ -52,10 +57,63 @@ def float16_scale_exponent(array: np.ndarray) -> int:
 
 
 def to_float16(array: np.ndarray, exponent: int) -> np.ndarray:
-    """``array * 2**exponent`` rounded to float16."""
-    return np.ldexp(np.asarray(array, dtype=np.float32), np.int32(exponent)).astype(np.float16)
+    """``array * 2**exponent`` rounded to float16 (overflow to infinity is the caller's to count)."""
+    scaled = np.ldexp(np.asarray(array, dtype=np.float32), np.int32(exponent)) if exponent else array
+    with np.errstate(over="ignore"):
+        return np.asarray(scaled, dtype=np.float32).astype(np.float16)
 
 
 def from_float16(array: np.ndarray, exponent: int) -> np.ndarray:
     """Undoes ``to_float16``: float16 values times ``2**-exponent``, as float32 (exact)."""
     return np.ldexp(np.asarray(array, dtype=np.float16).astype(np.float32), np.int32(-exponent))
+
+
+#: The output "dtype" of bfloat16 tensors on the server: their bit patterns as ``uint16``.
+BFLOAT16 = np.dtype(np.uint16)
+FLOAT16 = np.dtype(np.float16)
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    """A float32 tensor in a reduced output type.
+
+    ``data`` holds the elements (``float16``, or bfloat16 bits as ``uint16``),
+    ``exponent`` the power-of-two scale they carry (values = elements * 2**-exponent),
+    ``overflow`` how many finite values became infinite and ``underflow`` how many
+    non-zero values became zero (the output type's range was exceeded: the caller
+    refuses such a tensor). Infinities and NaN of the input are never counted.
+    """
+
+    data: np.ndarray
+    exponent: int
+    overflow: int
+    underflow: int
+
+
+def encode(array: np.ndarray, dtype: np.dtype, *, scaling: bool = False) -> Encoded:
+    """``array`` (float32) as ``dtype``: FLOAT16 (scaled when ``scaling``, see the module
+    docstring; else unscaled) or BFLOAT16, with its overflow and underflow counts."""
+    values = np.asarray(array, dtype=np.float32)
+    magnitude = np.abs(values)
+    zeros = int(np.count_nonzero(magnitude == 0))
+    infinities = int(np.count_nonzero(magnitude == np.inf))
+    if dtype == BFLOAT16:
+        bits = bfloat16_bits(values)
+        unsigned = bits & np.uint16(0x7FFF)
+        overflow = int(np.count_nonzero(unsigned == np.uint16(0x7F80))) - infinities
+        underflow = int(np.count_nonzero(unsigned == 0)) - zeros
+        return Encoded(bits, 0, overflow, underflow)
+    if dtype != FLOAT16:
+        raise ValueError(f"not a reduced output type: {dtype}")
+    exponent = float16_scale_exponent(values) if scaling else 0
+    half = to_float16(values, exponent)
+    overflow = int(np.count_nonzero(np.isinf(half))) - infinities
+    underflow = int(np.count_nonzero(half == 0)) - zeros
+    return Encoded(half, exponent, overflow, underflow)
+
+
+def decode(data: np.ndarray, exponent: int = 0) -> np.ndarray:
+    """float32 values of received elements: bfloat16 bits (``uint16``) or scaled float16."""
+    if data.dtype == BFLOAT16:
+        return bfloat16_to_float32(data)
+    return from_float16(data, exponent)

@@ -75,8 +75,9 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
                     reason="USE_STREAM_GRADIENTS",
                 )
             with call.computing():
-                result = model.gradients(plan, checkpoint=call.checkpoint)
-            return convert.gradients_response(result)
+                result = model.gradients(plan, checkpoint=call.checkpoint, defer_dtype=True)
+            result, exponents = convert.encode_result(result, request.float16_scaling)
+            return convert.gradients_response(result, exponents)
 
     def StreamGradients(  # noqa: N802
         self, request: pb.StreamGradientsRequest, context: grpc.ServicerContext
@@ -87,8 +88,10 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             plan = self._plan(model, request)
             with call.computing():
                 result = model.gradients(plan, checkpoint=call.checkpoint, defer_dtype=True)
-            frames = convert.gradient_frames(result, self._config.stream_chunk_bytes)
-            if convert.converts(result):  # float16 output: convert while sending
+            # Reduced output types are converted, or refused, before the first message.
+            result, exponents = convert.encode_result(result, request.float16_scaling)
+            frames = convert.gradient_frames(result, self._config.stream_chunk_bytes, exponents)
+            if convert.converts(result):  # a tensor left unconverted: convert while sending
                 frames = convert.ahead(frames, FRAMES_AHEAD)
             with contextlib.closing(frames):  # a helper thread stops with the call
                 for frame in frames:
@@ -101,8 +104,8 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         """StreamGradients' result written into the caller's shared memory region (see ``shm``).
 
         Sends a ``server-timing`` trailer: ``pre`` (admission, decoding, planning,
-        mapping the region), ``compute`` (forward and backward) and ``write`` (copying
-        into the region), each ``<name>;dur=<milliseconds>``.
+        mapping the region), ``compute`` (forward and backward) and ``write`` (converting
+        to a reduced output type, if asked, and copying into the region), each ``<name>;dur=<milliseconds>``.
         """
         started = time.perf_counter()
         if self._regions is None:
@@ -127,6 +130,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
                     result = model.gradients(plan, checkpoint=call.checkpoint, defer_dtype=True)
                     computed = time.perf_counter()
                 call.checkpoint()  # nothing written for a caller already gone
+                result, exponents = convert.encode_result(result, request.float16_scaling)
                 target.write(result.tensors)
                 written = time.perf_counter()
         response = pb.ExportGradientsResponse(
@@ -137,8 +141,9 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
                     dtype=convert.dtype_enum(tensor.output_dtype),
                     shape=tensor.array.shape,
                     offset=offset,
+                    scale_exponent=exponent,
                 )
-                for tensor, offset in zip(result.tensors, target.offsets, strict=True)
+                for tensor, offset, exponent in zip(result.tensors, target.offsets, exponents, strict=True)
             ],
         )
         if result.loss is not None:
@@ -166,7 +171,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             )
             with call.computing():
                 result = model.predict(batch, tuple(request.layers), dtype, checkpoint=call.checkpoint)
-            return convert.predict_response(result)
+            return convert.predict_response(result, request.float16_scaling)
 
     def GetModelInfo(  # noqa: N802
         self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext
