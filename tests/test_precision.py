@@ -103,6 +103,40 @@ def test_encoded_counts_are_the_values_that_became_infinite_or_zero():
     np.testing.assert_array_equal(precision.decode(bf.data), precision.bfloat16_to_float32(bf.data))
 
 
+@pytest.mark.parametrize("scaling", [False, True])
+def test_counts_equal_the_values_lost_in_the_converted_data(scaling):
+    """The threshold counts of ``encode`` against the converted elements, on values spread over
+    float32's whole range (both thresholds' neighbours, subnormals, infinities, NaN)."""
+    rng = np.random.default_rng(7)
+    for trial in range(40):
+        exponents = rng.integers(-150, 128, size=500) if trial % 2 else rng.integers(-40, 20, size=500)
+        values = (rng.uniform(1, 2, 500) * np.exp2(exponents.astype(np.float64))).astype(np.float32)
+        values *= rng.choice(np.array([-1, 1], np.float32), 500)
+        edges = [
+            65504,
+            65519.996,
+            65520,
+            2.0**-25,
+            2.0**-25 * 1.0000001,
+            2.0**-134,
+            2.0**-133,
+            0,
+            np.inf,
+            np.nan,
+        ]
+        values[: len(edges)] = edges
+        values[len(edges) : len(edges) + 4] = np.array(
+            [0x7F7F7FFF, 0x7F7F8000, 0x80008000, 1], np.uint32
+        ).view(np.float32)
+        finite_nonzero = np.isfinite(values) & (values != 0)
+        for dtype in (precision.FLOAT16, precision.BFLOAT16):
+            encoded = precision.encode(values, dtype, scaling=scaling)
+            back = precision.decode(encoded.data, encoded.exponent)
+            assert encoded.overflow == np.count_nonzero(np.isinf(back) & finite_nonzero)
+            assert encoded.underflow == np.count_nonzero((back == 0) & finite_nonzero)
+            assert np.isnan(back[np.isnan(values)]).all()
+
+
 # ---- through the service ----------------------------------------------------------
 
 

@@ -22,14 +22,27 @@ import numpy as np
 
 FLOAT16_MAX = 65504.0
 FLOAT16_MIN_NORMAL = 2.0**-14
+# Magnitudes from which float16 rounds to infinity (halfway from 65504 to 2**16, ties to even) and
+# up to which it rounds to zero (halfway to the smallest subnormal 2**-24, ties to even).
+_FLOAT16_OVERFLOW = np.float32(65520.0)
+_FLOAT16_ZERO_EXPONENT = -25
+# The same for bfloat16: the float32 0x7F7F8000 (halfway from the largest bfloat16 to 2**128) and
+# 2**-134 (halfway to the smallest bfloat16 subnormal 2**-133).
+_BFLOAT16_OVERFLOW = np.array(0x7F7F8000, np.uint32).view(np.float32)[()]
+_BFLOAT16_ZERO = np.float32(2.0**-134)
 
 
 def bfloat16_bits(array: np.ndarray) -> np.ndarray:
     """float32 values as bfloat16 bit patterns (``uint16``), round to nearest even."""
-    bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
-    rounded = bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
-    out = (rounded >> np.uint32(16)).astype(np.uint16)
-    nan = np.isnan(array)
+    values = np.ascontiguousarray(array, dtype=np.float32)
+    bits = values.view(np.uint32)
+    rounded = bits >> np.uint32(16)  # one temporary, updated in place
+    rounded &= np.uint32(1)
+    rounded += np.uint32(0x7FFF)
+    rounded += bits
+    rounded >>= np.uint32(16)
+    out = rounded.astype(np.uint16)
+    nan = np.isnan(values)
     if nan.any():  # rounding could carry a NaN's payload into infinity: keep it a quiet NaN
         out[nan] = (bits[nan] >> np.uint32(16)).astype(np.uint16) | np.uint16(0x0040)
     return out
@@ -42,16 +55,21 @@ def bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
 
 def float16_scale_exponent(array: np.ndarray) -> int:
     """The exponent ``e`` with which ``array * 2**e`` fits float16 (see the module docstring)."""
-    if array.size == 0:
-        return 0
     magnitude = np.abs(np.asarray(array, dtype=np.float32))
+    return _float16_exponent(magnitude, int(np.count_nonzero(magnitude == 0)))
+
+
+def _float16_exponent(magnitude: np.ndarray, zeros: int) -> int:
+    """``float16_scale_exponent`` of the values whose magnitudes these are, ``zeros`` of them 0."""
+    if magnitude.size == 0:
+        return 0
     largest = float(np.fmax.reduce(magnitude, axis=None))
     if not np.isfinite(largest):  # infinities (or all NaN): scale by the finite values only
         finite = magnitude[np.isfinite(magnitude)]
         largest = float(finite.max()) if finite.size else 0.0
     if largest == 0.0:
         return 0
-    if largest <= FLOAT16_MAX and not np.any((magnitude > 0) & (magnitude < FLOAT16_MIN_NORMAL)):
+    if largest <= FLOAT16_MAX and np.count_nonzero(magnitude < np.float32(FLOAT16_MIN_NORMAL)) == zeros:
         return 0
     return 15 - int(np.frexp(np.float32(largest))[1])
 
@@ -92,23 +110,34 @@ class Encoded:
 
 def encode(array: np.ndarray, dtype: np.dtype, *, scaling: bool = False) -> Encoded:
     """``array`` (float32) as ``dtype``: FLOAT16 (scaled when ``scaling``, see the module
-    docstring; else unscaled) or BFLOAT16, with its overflow and underflow counts."""
+    docstring; else unscaled) or BFLOAT16, with its overflow and underflow counts.
+
+    The counts compare magnitudes with the thresholds at which rounding gives infinity or
+    zero (the values ``x * 2**e`` are exact in float32 down to its normal range, far below
+    float16's), so that they cost comparisons rather than passes over the converted data.
+    """
     values = np.asarray(array, dtype=np.float32)
     magnitude = np.abs(values)
     zeros = int(np.count_nonzero(magnitude == 0))
-    infinities = int(np.count_nonzero(magnitude == np.inf))
+
+    def overflow_at(threshold: np.float32) -> int:
+        return int(np.count_nonzero(magnitude >= threshold)) - int(np.count_nonzero(magnitude == np.inf))
+
     if dtype == BFLOAT16:
         bits = bfloat16_bits(values)
-        unsigned = bits & np.uint16(0x7FFF)
-        overflow = int(np.count_nonzero(unsigned == np.uint16(0x7F80))) - infinities
-        underflow = int(np.count_nonzero(unsigned == 0)) - zeros
-        return Encoded(bits, 0, overflow, underflow)
+        underflow = int(np.count_nonzero(magnitude <= _BFLOAT16_ZERO)) - zeros
+        return Encoded(bits, 0, overflow_at(_BFLOAT16_OVERFLOW), underflow)
     if dtype != FLOAT16:
         raise ValueError(f"not a reduced output type: {dtype}")
-    exponent = float16_scale_exponent(values) if scaling else 0
+    exponent = _float16_exponent(magnitude, zeros) if scaling else 0
     half = to_float16(values, exponent)
-    overflow = int(np.count_nonzero(np.isinf(half))) - infinities
-    underflow = int(np.count_nonzero(half == 0)) - zeros
+    # Scaled, the largest finite magnitude lies below 2**15 and cannot overflow.
+    overflow = overflow_at(_FLOAT16_OVERFLOW) if exponent == 0 else 0
+    # x * 2**e rounds to zero when |x| <= 2**(-25 - e); no non-zero float32 is that small past e = 124.
+    zero_exponent = _FLOAT16_ZERO_EXPONENT - exponent
+    underflow = 0
+    if zero_exponent >= -149:
+        underflow = int(np.count_nonzero(magnitude <= np.float32(2.0**zero_exponent))) - zeros
     return Encoded(half, exponent, overflow, underflow)
 
 
