@@ -242,34 +242,39 @@ def query_from_proto(
 
 
 def encode_outputs(
-    tensors: Sequence[engine.ResultTensor], scaling: bool
+    tensors: Sequence[engine.ResultTensor], scaling: bool, *, defer: bool = False
 ) -> tuple[list[engine.ResultTensor], list[int]]:
-    """Tensors converted to their output types through ``precision``, with their scale exponents.
+    """Tensors in their output types through ``precision``, with their scale exponents.
 
     Tensors whose output type is their compute type (float32) pass as they are, with
     exponent 0. Raises OutOfRange, before anything is sent, when a tensor would lose
     values: a finite value becoming infinite or a non-zero value becoming zero (see
-    ``ComputeGradientsRequest.output_dtype`` in the contract).
+    ``ComputeGradientsRequest.output_dtype`` in the contract). With ``defer`` the tensors
+    are checked and their exponents found, but they stay unconverted, for the stream to
+    convert chunk by chunk (``precision.convert`` is elementwise).
     """
     out: list[engine.ResultTensor] = []
     exponents: list[int] = []
-    refused: list[tuple[engine.ResultTensor, precision.Encoded]] = []
+    refused: list[tuple[engine.ResultTensor, precision.Fit]] = []
     for tensor in tensors:
         if tensor.array.dtype == tensor.output_dtype:
             out.append(tensor)
             exponents.append(0)
             continue
-        encoded = precision.encode(tensor.array, tensor.output_dtype, scaling=scaling)
-        if encoded.overflow or encoded.underflow:
-            refused.append((tensor, encoded))
-        out.append(engine.ResultTensor(tensor.name, tensor.kind, encoded.data))
-        exponents.append(encoded.exponent)
+        how = precision.fit(tensor.array, tensor.output_dtype, scaling=scaling)
+        if how.overflow or how.underflow:
+            refused.append((tensor, how))
+        elif not defer:
+            data = precision.convert(tensor.array, tensor.output_dtype, how.exponent)
+            tensor = engine.ResultTensor(tensor.name, tensor.kind, data)
+        out.append(tensor)
+        exponents.append(how.exponent)
     if refused:
         raise _out_of_range(refused, scaling)
     return out, exponents
 
 
-def _out_of_range(refused: list[tuple[engine.ResultTensor, precision.Encoded]], scaling: bool) -> OutOfRange:
+def _out_of_range(refused: list[tuple[engine.ResultTensor, precision.Fit]], scaling: bool) -> OutOfRange:
     tensor, encoded = refused[0]
     bfloat16 = tensor.output_dtype == precision.BFLOAT16
     name = "BFLOAT16" if bfloat16 else "FLOAT16"
@@ -298,9 +303,12 @@ def _out_of_range(refused: list[tuple[engine.ResultTensor, precision.Encoded]], 
     )
 
 
-def encode_result(result: engine.GradientResult, scaling: bool) -> tuple[engine.GradientResult, list[int]]:
-    """``encode_outputs`` of a gradient result: the result in its output types, and the exponents."""
-    tensors, exponents = encode_outputs(result.tensors, scaling)
+def encode_result(
+    result: engine.GradientResult, scaling: bool, *, defer: bool = False
+) -> tuple[engine.GradientResult, list[int]]:
+    """``encode_outputs`` of a gradient result: the result (in its output types unless
+    ``defer``) and the exponents."""
+    tensors, exponents = encode_outputs(result.tensors, scaling, defer=defer)
     return engine.GradientResult(tensors, result.loss), exponents
 
 
@@ -368,7 +376,7 @@ def gradient_chunks(
             "shape": tensor.array.shape,
             "scale_exponent": exponent,
         }
-        for offset, data in _byte_chunks(tensor, chunk_bytes):
+        for offset, data in _byte_chunks(tensor, chunk_bytes, exponent):
             message = pb.StreamGradientsResponse(offset=offset, data=bytes(data), **header)
             if first and result.loss is not None:
                 message.loss = result.loss
@@ -435,7 +443,7 @@ def gradient_frames(
             tensor.name, KINDS[tensor.kind], dtype_enum(tensor.output_dtype), tensor.array.shape
         )
         scale = _SCALE + _varint(_zigzag(exponent)) if exponent else b""
-        for offset, data in _byte_chunks(tensor, chunk_bytes):
+        for offset, data in _byte_chunks(tensor, chunk_bytes, exponent):
             loss = b""
             if first and result.loss is not None:
                 loss = _LOSS + struct.pack("<d", result.loss)
@@ -452,9 +460,12 @@ def gradient_frames(
             )
 
 
-def _byte_chunks(tensor: engine.ResultTensor, chunk_bytes: int) -> Iterator[tuple[int, memoryview]]:
+def _byte_chunks(
+    tensor: engine.ResultTensor, chunk_bytes: int, exponent: int = 0
+) -> Iterator[tuple[int, memoryview]]:
     """(offset, bytes) pieces of at most ``chunk_bytes`` of the tensor in its output type,
-    little-endian; one piece, empty, for an empty tensor."""
+    little-endian, converted piece by piece (with scale ``exponent``) if it is not yet;
+    one piece, empty, for an empty tensor."""
     dtype = tensor.output_dtype.newbyteorder("<")
     if tensor.array.dtype == dtype:
         flat = memoryview(np.ascontiguousarray(tensor.array).reshape(-1).view(np.uint8))
@@ -466,9 +477,15 @@ def _byte_chunks(tensor: engine.ResultTensor, chunk_bytes: int) -> Iterator[tupl
     for offset in range(0, max(total, 1), chunk_bytes):
         end = min(offset + chunk_bytes, total)
         first, last = offset // dtype.itemsize, -(-end // dtype.itemsize)
-        block = memoryview(source[first:last].astype(dtype).view(np.uint8))
+        block = memoryview(_converted(source[first:last], dtype, exponent).view(np.uint8))
         skip = offset - first * dtype.itemsize
         yield offset, block[skip : skip + end - offset]
+
+
+def _converted(array: np.ndarray, dtype: np.dtype, exponent: int) -> np.ndarray:
+    if dtype in (precision.FLOAT16, precision.BFLOAT16) and array.dtype == np.float32:
+        return precision.convert(array, dtype, exponent)
+    return array.astype(dtype)
 
 
 def converts(result: engine.GradientResult) -> bool:

@@ -92,45 +92,48 @@ FLOAT16 = np.dtype(np.float16)
 
 
 @dataclasses.dataclass(frozen=True)
-class Encoded:
-    """A float32 tensor in a reduced output type.
+class Fit:
+    """How a float32 tensor goes into a reduced output type, known before converting it.
 
-    ``data`` holds the elements (``float16``, or bfloat16 bits as ``uint16``),
-    ``exponent`` the power-of-two scale they carry (values = elements * 2**-exponent),
-    ``overflow`` how many finite values became infinite and ``underflow`` how many
-    non-zero values became zero (the output type's range was exceeded: the caller
-    refuses such a tensor). Infinities and NaN of the input are never counted.
+    ``exponent`` is the power-of-two scale its elements will carry (values = elements *
+    2**-exponent), ``overflow`` how many finite values would become infinite and
+    ``underflow`` how many non-zero values would become zero (the output type's range is
+    exceeded: the caller refuses such a tensor). Infinities and NaN are never counted.
     """
 
-    data: np.ndarray
     exponent: int
     overflow: int
     underflow: int
 
 
-def encode(array: np.ndarray, dtype: np.dtype, *, scaling: bool = False) -> Encoded:
-    """``array`` (float32) as ``dtype``: FLOAT16 (scaled when ``scaling``, see the module
-    docstring; else unscaled) or BFLOAT16, with its overflow and underflow counts.
+@dataclasses.dataclass(frozen=True)
+class Encoded(Fit):
+    """A converted tensor: its ``Fit`` and ``data``, the elements (``float16``, or bfloat16 bits
+    as ``uint16``)."""
+
+    data: np.ndarray
+
+
+def fit(array: np.ndarray, dtype: np.dtype, *, scaling: bool = False) -> Fit:
+    """The ``Fit`` of ``array`` (float32) in ``dtype``: FLOAT16 (scaled when ``scaling``, see the
+    module docstring; else unscaled) or BFLOAT16.
 
     The counts compare magnitudes with the thresholds at which rounding gives infinity or
     zero (the values ``x * 2**e`` are exact in float32 down to its normal range, far below
-    float16's), so that they cost comparisons rather than passes over the converted data.
+    float16's), so that they cost comparisons, not a conversion.
     """
-    values = np.asarray(array, dtype=np.float32)
-    magnitude = np.abs(values)
+    if dtype not in (FLOAT16, BFLOAT16):
+        raise ValueError(f"not a reduced output type: {dtype}")
+    magnitude = np.abs(np.asarray(array, dtype=np.float32))
     zeros = int(np.count_nonzero(magnitude == 0))
 
     def overflow_at(threshold: np.float32) -> int:
         return int(np.count_nonzero(magnitude >= threshold)) - int(np.count_nonzero(magnitude == np.inf))
 
     if dtype == BFLOAT16:
-        bits = bfloat16_bits(values)
         underflow = int(np.count_nonzero(magnitude <= _BFLOAT16_ZERO)) - zeros
-        return Encoded(bits, 0, overflow_at(_BFLOAT16_OVERFLOW), underflow)
-    if dtype != FLOAT16:
-        raise ValueError(f"not a reduced output type: {dtype}")
+        return Fit(0, overflow_at(_BFLOAT16_OVERFLOW), underflow)
     exponent = _float16_exponent(magnitude, zeros) if scaling else 0
-    half = to_float16(values, exponent)
     # Scaled, the largest finite magnitude lies below 2**15 and cannot overflow.
     overflow = overflow_at(_FLOAT16_OVERFLOW) if exponent == 0 else 0
     # x * 2**e rounds to zero when |x| <= 2**(-25 - e); no non-zero float32 is that small past e = 124.
@@ -138,7 +141,23 @@ def encode(array: np.ndarray, dtype: np.dtype, *, scaling: bool = False) -> Enco
     underflow = 0
     if zero_exponent >= -149:
         underflow = int(np.count_nonzero(magnitude <= np.float32(2.0**zero_exponent))) - zeros
-    return Encoded(half, exponent, overflow, underflow)
+    return Fit(exponent, overflow, underflow)
+
+
+def convert(array: np.ndarray, dtype: np.dtype, exponent: int = 0) -> np.ndarray:
+    """``array`` (float32) in ``dtype`` with the scale of its ``Fit``: float16 elements, or
+    bfloat16 bits. Elementwise, so that a slice converts to the slice of the whole."""
+    if dtype == BFLOAT16:
+        return bfloat16_bits(array)
+    if dtype == FLOAT16:
+        return to_float16(array, exponent)
+    raise ValueError(f"not a reduced output type: {dtype}")
+
+
+def encode(array: np.ndarray, dtype: np.dtype, *, scaling: bool = False) -> Encoded:
+    """``fit`` and ``convert`` at once."""
+    how = fit(array, dtype, scaling=scaling)
+    return Encoded(how.exponent, how.overflow, how.underflow, convert(array, dtype, how.exponent))
 
 
 def decode(data: np.ndarray, exponent: int = 0) -> np.ndarray:
