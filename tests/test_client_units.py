@@ -295,8 +295,56 @@ def test_in_order_chunks_reassemble_each_tensor_into_one_array() -> None:
 def test_reassembled_array_is_an_ordinary_writable_array() -> None:
     array = np.arange(50, dtype=np.float16)
     result = assemble(chunks("prob", ACTIVATION, array, 16)).tensors[0].array
-    assert result.dtype == np.float16 and result.flags.writeable and result.flags.c_contiguous
+    assert result.dtype == np.float32 and result.flags.writeable and result.flags.c_contiguous
+    np.testing.assert_array_equal(result, array)
     assert result.base is None or isinstance(result.base, np.ndarray)
+
+
+def reduced_chunks(name: str, dtype: int, wire: np.ndarray, scale: int, size: int) -> list:
+    """Stream messages of a FLOAT16 or BFLOAT16 (``uint16`` bits) tensor with a scale exponent."""
+    messages = chunks(name, PARAM, wire.view(np.float16), size)  # the same bytes
+    for message in messages:
+        message.dtype, message.scale_exponent = dtype, scale
+    return messages
+
+
+def test_scaled_float16_and_bfloat16_are_reassembled_as_float32_values() -> None:
+    half = np.array([1.5, -3.0, 2.0**-24, 0.0, 65504.0], np.float16)
+    bits = np.array([0x3F80, 0xC040, 0x0001, 0x7F80, 0x7FC0], np.uint16)  # 1, -3, tiny, inf, nan
+    messages = [
+        *reduced_chunks("a", pb.DATA_TYPE_FLOAT16, half, -40, 3),
+        *reduced_chunks("b", pb.DATA_TYPE_BFLOAT16, bits, 0, 3),
+    ]
+    out = np.full(5, 7.0, np.float32)
+    assembler = _ChunkAssembler(out={(PARAM, "b"): out})
+    for message in messages:
+        assembler.add(message)
+    a, b = assembler.finish()
+    assert a.array.dtype == np.float32 and b.array is out
+    np.testing.assert_array_equal(a.array, half.astype(np.float64) * 2.0**40)
+    np.testing.assert_array_equal(out, [1.0, -3.0, 2.0**-133, np.inf, np.nan])
+
+
+def test_a_scale_that_changes_within_a_tensor_or_a_scaled_float32_is_data_loss() -> None:
+    messages = reduced_chunks("a", pb.DATA_TYPE_FLOAT16, np.ones(4, np.float16), 3, 2)
+    messages[2].scale_exponent = 4
+    with pytest.raises(errors.DataLoss, match="scale"):
+        assemble(messages)
+    scaled = chunks("a", PARAM, np.ones(2, np.float32), 8)
+    scaled[0].scale_exponent = 1
+    with pytest.raises(errors.DataLoss, match="scale_exponent"):
+        assemble(scaled)
+
+
+def test_bfloat16_is_requested_with_scaling_allowed_and_decoded_from_a_unary_tensor() -> None:
+    tensor = pb.Tensor(
+        dtype=pb.DATA_TYPE_BFLOAT16, shape=[2], data=np.array([0x4000, 0xBF80], "<u2").tobytes()
+    )
+    np.testing.assert_array_equal(layergrad._tensors.result_from_tensor(tensor), [2.0, -1.0])
+    stub = FakeStub(stream=chunks("input", INPUT, np.zeros((1, 2), np.float32), 8))
+    fake_client(stub).gradients(prepared(1), SumOfSquares(), input=True, dtype="bfloat16")
+    request = stub.requests[0][1]
+    assert request.output_dtype == pb.DATA_TYPE_BFLOAT16 and request.float16_scaling
 
 
 def test_chunk_not_a_multiple_of_the_element_size_is_reassembled() -> None:
@@ -738,7 +786,7 @@ def test_pattern_enum_and_strings_are_interchangeable() -> None:
     [
         ({}, ValueError, "no gradient requested"),
         ({"input": True, "pattern": "forward"}, ValueError, "unknown pattern"),
-        ({"input": True, "dtype": "float64"}, ValueError, "'float32' or 'float16'"),
+        ({"input": True, "dtype": "float64"}, ValueError, "'float32', 'float16' or 'bfloat16'"),
         ({"layers": [1]}, TypeError, "layers must be names"),
     ],
 )
@@ -935,6 +983,21 @@ def test_cli_grad_defaults_to_the_input_gradient(cli_stub: FakeStub, tmp_path: p
     assert request.targets == pb.GradientTargets(input=True)
     assert request.output_dtype == pb.DATA_TYPE_FLOAT16
     assert request.loss == SumOfSquares("prob")._to_proto()
+
+
+def test_cli_dtype_picks_the_wire_type_and_saves_float32(cli_stub: FakeStub, tmp_path: pathlib.Path) -> None:
+    bits = np.array([0x3F80, 0x4000], np.uint16)  # bfloat16 1.0, 2.0
+    cli_stub.stream_items = chunks("input", INPUT, bits.view(np.float16).reshape(1, 2), 64)
+    cli_stub.stream_items[0].dtype = pb.DATA_TYPE_BFLOAT16
+    image = tmp_path / "a.png"
+    image.write_bytes(PNG_1x1)
+    out = tmp_path / "g.npz"
+    assert cli.main(["grad", str(image), "--out", str(out), "--dtype", "bfloat16"]) == 0
+    request = cli_stub.requests[0][1]
+    assert request.output_dtype == pb.DATA_TYPE_BFLOAT16 and request.float16_scaling
+    with np.load(out) as saved:
+        assert saved["input"].dtype == np.float32 and saved["input"].tolist() == [[1.0, 2.0]]
+    assert cli.main(["grad", str(image), "--out", str(out), "--dtype", "float16", "--float16"]) == 2
 
 
 def test_cli_server_error_prints_code_and_message_and_exits_1(

@@ -12,6 +12,7 @@ import layergrad
 import numpy as np
 import pytest
 from conftest import encode, make_rgb, prepared_reference
+from layergrad_server import precision
 from PIL import Image
 
 PARAMS = ["conv1_1/W", "conv5_3/b", "fc7/W", "fc8/W"]
@@ -226,13 +227,17 @@ def test_all_parameter_gradients_stream_in_one_call_and_match(client, reference_
         reference_net.cleargrads()
 
 
-def test_float16_output_halves_the_bytes_and_rounds_float32(client):
+def test_float16_output_rounds_float32_after_a_power_of_two_scale(client):
+    """float16 on the wire; the SDK hands back float32 with the server's scale undone (the
+    conversions themselves are proven in test_precision)."""
     item = make_input("png", seed=4)
     loss = layergrad.SumOfSquares("fc7")
     full = client.gradients([item], loss, pattern="grad", layers=["conv5_3"], input=True)
     half = client.gradients([item], loss, pattern="grad", layers=["conv5_3"], input=True, dtype="float16")
-    assert half.input.dtype == np.float16 and half.input.nbytes * 2 == full.input.nbytes
-    np.testing.assert_array_equal(half.layers["conv5_3"], full.layers["conv5_3"].astype(np.float16))
+    for got, want in ((half.input, full.input), (half.layers["conv5_3"], full.layers["conv5_3"])):
+        encoded = precision.encode(want, precision.FLOAT16, scaling=True)
+        assert got.dtype == np.float32 and encoded.underflow == encoded.overflow == 0
+        np.testing.assert_array_equal(got, precision.decode(encoded.data, encoded.exponent))
 
 
 def test_batch_of_mixed_input_kinds_equals_items_computed_alone(client):

@@ -109,6 +109,18 @@ def test_vgg_convolutions_are_bit_identical(batch: int, cin: int, cout: int, siz
     assert_same(*both(lambda: conv_results(x, w, b, gy, stride=1, pad=1)))
 
 
+@pytest.mark.parametrize(("cin", "cout", "size", "layout"), [VGG_CONVS[3], VGG_CONVS[8]])
+def test_vgg_convolutions_of_a_batch_of_three_are_bit_identical(
+    cin: int, cout: int, size: int, layout: str
+) -> None:
+    """A batch's im2col written straight into the row-ordered patch matrix (see ``_patches``)."""
+    x = np.maximum(random((3, cin, size, size), 5, layout), 0)
+    w = random((cout, cin, 3, 3), 6) * np.float32(np.sqrt(2.0 / (9 * cin)))
+    b = random((cout,), 7) * np.float32(0.01)
+    gy = random((3, cout, size, size), 8)
+    assert_same(*both(lambda: conv_results(x, w, b, gy, stride=1, pad=1)))
+
+
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 def test_convolution_input_layouts_are_bit_identical(layout: str) -> None:
     x = random((2, 32, 20, 20), 5, layout)

@@ -68,12 +68,18 @@ def parameter(value: object) -> v2.InferParameter:
 
 
 def outputs_of(response: v2.ModelInferResponse) -> dict[str, np.ndarray]:
-    dtypes = {"FP32": "<f4", "FP16": "<f2", "FP64": "<f8"}
     assert len(response.outputs) == len(response.raw_output_contents)
     return {
-        tensor.name: np.frombuffer(raw, dtypes[tensor.datatype]).reshape(tensor.shape)
+        tensor.name: decode(raw, tensor.datatype).reshape(tensor.shape)
         for tensor, raw in zip(response.outputs, response.raw_output_contents, strict=True)
     }
+
+
+def decode(raw: bytes, datatype: str) -> np.ndarray:
+    """A v2 output's raw bytes as numpy; BF16 (the top half of float32) widened to float32."""
+    if datatype == "BF16":
+        return (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
+    return np.frombuffer(raw, {"FP32": "<f4", "FP16": "<f2", "FP64": "<f8"}[datatype])
 
 
 def refused(call, request, code: grpc.StatusCode, reason: str, *words: str, metadata=None) -> str:
@@ -218,8 +224,13 @@ def test_forward_of_every_input_form_equals_predict(stub, client):
     )
     response = stub.ModelInfer(infer_request([tensor], ["prob"], output_datatype="fp16"), timeout=300)
     assert response.outputs[0].datatype == "FP16"
-    prob = client.predict(prepared, layers=("prob",), dtype="float16")["prob"]
-    np.testing.assert_array_equal(outputs_of(response)["prob"], prob)
+    prob = client.predict(prepared, layers=("prob",))["prob"]
+    np.testing.assert_array_equal(outputs_of(response)["prob"], prob.astype(np.float16))
+    response = stub.ModelInfer(infer_request([tensor], ["prob"], output_datatype="BF16"), timeout=300)
+    assert response.outputs[0].datatype == "BF16"
+    bf16 = client.predict(prepared, layers=("prob",), dtype="bfloat16")["prob"]
+    np.testing.assert_array_equal(outputs_of(response)["prob"], bf16)
+    assert np.abs(bf16 - prob).max() <= 2**-8 * np.abs(prob).max()
 
 
 def layergrad_prepare(client, image: np.ndarray) -> np.ndarray:

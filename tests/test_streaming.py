@@ -21,8 +21,9 @@ from conftest import make_rgb
 from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
 from layergrad._gen.layergrad.v1 import gradient_service_pb2_grpc as pb_grpc
 from layergrad._tensors import _ChunkAssembler, parse_stream_chunk
-from layergrad_server import convert, engine
+from layergrad_server import convert, engine, precision
 from layergrad_server.config import DEFAULT_STREAM_CHUNK_BYTES
+from layergrad_server.errors import OutOfRange
 from layergrad_server.launch import ServerProcess
 
 Kind = engine.Kind
@@ -73,8 +74,46 @@ def test_frames_reassemble_to_the_tensors_with_the_sdk_parser_and_the_generated_
         assert assembler.loss == 2.5
         assert [(t.name, t.kind) for t in assembled] == [(t.name, convert.KINDS[t.kind]) for t in tensors]
         for got, sent in zip(assembled, tensors, strict=True):
-            assert got.array.dtype == sent.output_dtype
+            assert got.array.dtype == np.float32  # float16 widened
             np.testing.assert_array_equal(got.array, sent.converted())
+
+
+def encoded_result(scaling: bool) -> tuple[engine.GradientResult, list[int]]:
+    """A result with a scaled float16 tensor (tiny values), a large one, and a bfloat16 tensor."""
+    rng = np.random.default_rng(5)
+    tiny = (rng.standard_normal((3, 7)) * 1e-9).astype(F32)
+    large = (rng.standard_normal(11) * 1e7).astype(F32)
+    tensors = [
+        engine.ResultTensor("input", Kind.INPUT_GRADIENT, tiny, np.dtype(np.float16)),
+        engine.ResultTensor("fc8/W", Kind.PARAMETER_GRADIENT, large, np.dtype(np.float16)),
+        engine.ResultTensor("fc8/b", Kind.PARAMETER_GRADIENT, tiny[0], precision.BFLOAT16),
+        engine.ResultTensor("prob", Kind.ACTIVATION, large[:3], None),
+    ]
+    return convert.encode_result(engine.GradientResult(tensors, 0.5), scaling)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 3, 1 << 20])
+def test_scaled_and_bfloat16_frames_match_the_generated_serialization_and_decode(chunk_bytes):
+    result, exponents = encoded_result(True)
+    assert exponents[0] > 0 > exponents[1] and exponents[2:] == [0, 0]
+    reference = [m.SerializeToString() for m in convert.gradient_chunks(result, chunk_bytes, exponents)]
+    frames = list(convert.gradient_frames(result, chunk_bytes, exponents))
+    assert frames == reference
+    for parse in (parse_stream_chunk, pb.StreamGradientsResponse.FromString):
+        assembler = _ChunkAssembler()
+        for frame in frames:
+            assembler.add(parse(frame))
+        for got, sent, exponent in zip(assembler.finish(), result.tensors, exponents, strict=True):
+            assert got.array.dtype == np.float32
+            sent_values = sent.array if sent.array.dtype == F32 else precision.decode(sent.array, exponent)
+            np.testing.assert_array_equal(got.array, sent_values)
+
+
+def test_unscaled_float16_of_values_out_of_range_is_refused_with_counts():
+    with pytest.raises(OutOfRange) as caught:
+        encoded_result(False)
+    assert caught.value.reason == "FLOAT16_OUT_OF_RANGE"
+    assert caught.value.metadata == {"tensor": "input", "overflow": "0", "underflow": "21", "tensors": "2"}
 
 
 def test_sdk_parser_returns_a_view_of_the_data_not_a_copy():
@@ -93,6 +132,7 @@ def _as_tuple(message: pb.StreamGradientsResponse) -> tuple:
         message.offset,
         bytes(message.data),
         message.loss if message.HasField("loss") else None,
+        message.scale_exponent,
     )
 
 
@@ -105,6 +145,10 @@ def _as_tuple(message: pb.StreamGradientsResponse) -> tuple:
         ),
         pb.StreamGradientsResponse(name="ü/W", dtype=2, shape=[5], loss=float("inf")),
         pb.StreamGradientsResponse(name="neg", kind=-1, dtype=-5, shape=[-3], offset=-7),  # fallback
+        pb.StreamGradientsResponse(name="s", dtype=2, shape=[1], data=b"ab", scale_exponent=-7),
+        pb.StreamGradientsResponse(dtype=2, scale_exponent=33, loss=1.0),
+        pb.StreamGradientsResponse(dtype=7, scale_exponent=-(2**31)),
+        pb.StreamGradientsResponse(dtype=7, scale_exponent=2**31 - 1),
     ],
 )
 def test_sdk_parser_agrees_with_the_generated_class(message):
@@ -118,6 +162,7 @@ def test_sdk_parser_agrees_with_the_generated_class(message):
         chunk.offset,
         bytes(chunk.data),
         chunk.loss,
+        chunk.scale_exponent,
     ) == (_as_tuple(message))
 
 
@@ -150,10 +195,10 @@ def test_stream_through_the_service_matches_the_unary_call_and_the_generated_stu
         unary = client.compute_gradients_unary(image, loss, **kwargs)
         assert streamed.loss == unary.loss
         np.testing.assert_array_equal(streamed.input, unary.input)
-        assert streamed.input.dtype == np.dtype(dtype)
+        assert streamed.input.dtype == np.float32  # float16 comes back widened, its scale undone
         for name in ("fc8/W", "fc7/b"):
             np.testing.assert_array_equal(streamed.parameters[name], unary.parameters[name])
-            assert streamed.parameters[name].dtype == np.dtype(dtype)
+            assert streamed.parameters[name].dtype == np.float32
 
     request = pb.StreamGradientsRequest(
         inputs=[pb.Input(prepared=layergrad._tensors.to_tensor(np.zeros((3, 224, 224), np.float32)))],
@@ -259,7 +304,7 @@ def test_a_repeated_call_gets_its_large_arrays_prepared_while_the_server_compute
     assert len(touched) == 2  # fc8/W and fc7/W; fc8/b is under 1 MiB
     assert {id(second.parameters["fc7/W"]), id(second.parameters["fc8/W"])} == {id(a) for a in touched}
     for name, array in first.parameters.items():
-        assert second.parameters[name].dtype == np.float16
+        assert second.parameters[name].dtype == np.float32
         np.testing.assert_array_equal(second.parameters[name], array)
     touched.clear()
     client.gradients(make_rgb(7), loss, **{**targets, "dtype": "float32"})
@@ -402,4 +447,4 @@ def test_closing_the_client_mid_float16_stream_stops_the_stream(lone_server):
     _assert_place_given_back(lone_server)
     with layergrad.Client(lone_server.address, timeout=120) as again:
         grads = again.parameter_gradients(x, layergrad.SumOfSquares("fc8"), ["fc8/b"], dtype="float16")
-    assert grads["fc8/b"].dtype == np.float16
+    assert grads["fc8/b"].dtype == np.float32

@@ -36,7 +36,7 @@ import weakref
 import numpy as np
 
 from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
-from layergrad._tensors import AssembledTensor, _checked_dtype, _checked_shape, _nbytes
+from layergrad._tensors import REDUCED, AssembledTensor, _checked_dtype, _checked_shape, _nbytes, decoded
 from layergrad.errors import ClientClosedError, DataLoss
 
 PREFIX = "layergrad-"
@@ -122,7 +122,9 @@ class Region:
         return pb.SharedMemoryRegion(name=self.name, offset=0, size=self.size)
 
     def read(self, response: pb.ExportGradientsResponse, *, copy: bool) -> list[AssembledTensor]:
-        """The response's tensors: copies, or read-only views of this region (``copy=False``)."""
+        """The response's tensors: copies, or read-only views of this region (``copy=False``).
+
+        FLOAT16 and BFLOAT16 tensors are always decoded into new float32 arrays."""
         tensors = []
         for ref in response.tensors:
             dt = _checked_dtype(ref.dtype, ref.name)
@@ -138,10 +140,11 @@ class Region:
             else:
                 view = np.frombuffer(self._memory, dtype=dt, count=nbytes // dt.itemsize, offset=ref.offset)
                 array = view.reshape(shape)
-                if copy:
+                if copy and ref.dtype not in REDUCED:
                     array = array.copy()
-                else:
+                elif ref.dtype not in REDUCED:
                     array.flags.writeable = False
+            array = decoded(array, ref.dtype, ref.scale_exponent)  # a new float32 array for reduced types
             tensors.append(AssembledTensor(ref.name, ref.kind, array))
         return tensors
 

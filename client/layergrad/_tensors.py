@@ -7,6 +7,11 @@ with no padding. :func:`to_tensor` writes that layout with a validated
 by copying each chunk straight into a preallocated array: the caller's own
 (``out=``), one prepared while the server computed (see :func:`touch_pages`),
 or a fresh one.
+
+FLOAT16 and BFLOAT16 results are handed to the caller as float32 arrays holding
+exactly the values received: bfloat16 bit patterns widened (numpy has no
+bfloat16), float16 elements times ``2**-scale_exponent`` (the server's
+power-of-two scale undone); see :func:`decode_into`.
 """
 
 from __future__ import annotations
@@ -31,10 +36,13 @@ _WIRE_DTYPES: dict[int, np.dtype[Any]] = {
     pb.DATA_TYPE_UINT8: np.dtype("u1"),
     pb.DATA_TYPE_INT32: np.dtype("<i4"),
     pb.DATA_TYPE_INT64: np.dtype("<i8"),
+    pb.DATA_TYPE_BFLOAT16: np.dtype("<u2"),  # the bit patterns; see decode_into
 }
 _ENUM_BY_KIND: dict[tuple[str, int], int] = {
-    (dt.kind, dt.itemsize): enum for enum, dt in _WIRE_DTYPES.items()
+    (dt.kind, dt.itemsize): enum for enum, dt in _WIRE_DTYPES.items() if enum != pb.DATA_TYPE_BFLOAT16
 }
+#: Output types received in fewer bytes and handed over as float32 (see decode_into).
+REDUCED = frozenset({pb.DATA_TYPE_FLOAT16, pb.DATA_TYPE_BFLOAT16})
 
 
 def numpy_dtype(wire_dtype: int) -> np.dtype[Any]:
@@ -51,12 +59,14 @@ def wire_dtype(dtype: npt.DTypeLike) -> int:
     try:
         return _ENUM_BY_KIND[(dt.kind, dt.itemsize)]
     except KeyError:
-        supported = ", ".join(d.name for d in _WIRE_DTYPES.values())
+        supported = ", ".join(_WIRE_DTYPES[enum].name for enum in _ENUM_BY_KIND.values())
         raise ValueError(f"unsupported dtype {dt.name}; supported: {supported}") from None
 
 
 def dtype_name(wire_dtype_value: int) -> str:
     """The numpy name ("float32", ...) of a ``DataType`` value, or its enum name if unsupported."""
+    if wire_dtype_value == pb.DATA_TYPE_BFLOAT16:
+        return "bfloat16"
     dt = _WIRE_DTYPES.get(wire_dtype_value)
     return dt.name if dt is not None else _enum_name(wire_dtype_value).removeprefix("DATA_TYPE_").lower()
 
@@ -86,6 +96,50 @@ def from_tensor(tensor: pb.Tensor, *, copy: bool = True) -> np.ndarray:
         )
     arr = np.frombuffer(tensor.data, dtype=dt).reshape(shape)
     return arr.copy() if copy else arr
+
+
+def result_dtype(wire_dtype_value: int) -> np.dtype[Any]:
+    """The dtype of the array a result tensor of this wire type is handed over in."""
+    if wire_dtype_value in REDUCED:
+        return np.dtype(np.float32)
+    return numpy_dtype(wire_dtype_value)
+
+
+def decode_into(wire: np.ndarray, wire_dtype_value: int, scale_exponent: int, out: np.ndarray) -> None:
+    """The float32 values of received FLOAT16 or BFLOAT16 elements ``wire``, written into ``out``.
+
+    bfloat16 bits become the upper half of float32 patterns; float16 elements are
+    widened and multiplied by ``2**-scale_exponent``. Both are exact.
+    """
+    if wire_dtype_value == pb.DATA_TYPE_BFLOAT16:
+        bits = out.view(np.uint32)
+        np.copyto(bits, wire, casting="safe")
+        np.left_shift(bits, np.uint32(16), out=bits)
+        return
+    np.copyto(out, wire, casting="safe")
+    if scale_exponent:
+        np.ldexp(out, np.int32(-scale_exponent), out=out)
+
+
+def decoded(wire: np.ndarray, wire_dtype_value: int, scale_exponent: int) -> np.ndarray:
+    """A received tensor's values: float32 for FLOAT16 and BFLOAT16 (see :func:`decode_into`);
+    other types as they are (a nonzero scale on them is DataLoss)."""
+    if wire_dtype_value not in REDUCED:
+        if scale_exponent:
+            raise DataLoss(
+                f"a {dtype_name(wire_dtype_value)} tensor came with scale_exponent {scale_exponent}"
+            )
+        return wire
+    out = np.empty(wire.shape, np.float32)
+    decode_into(wire, wire_dtype_value, scale_exponent, out)
+    return out
+
+
+def result_from_tensor(tensor: pb.Tensor) -> np.ndarray:
+    """A received result tensor's values as an array the caller owns (see :func:`decoded`)."""
+    if tensor.dtype in REDUCED:
+        return decoded(from_tensor(tensor, copy=False), tensor.dtype, tensor.scale_exponent)
+    return decoded(from_tensor(tensor), tensor.dtype, tensor.scale_exponent)
 
 
 def _checked_dtype(wire_dtype_value: int, name: str) -> np.dtype[Any]:
@@ -124,6 +178,7 @@ class StreamChunk:
     offset: int
     data: memoryview | bytes
     loss: float | None
+    scale_exponent: int = 0
 
     @classmethod
     def from_message(cls, message: pb.StreamGradientsResponse) -> StreamChunk:
@@ -135,6 +190,7 @@ class StreamChunk:
             message.offset,
             message.data,
             message.loss if message.HasField("loss") else None,
+            message.scale_exponent,
         )
 
 
@@ -171,7 +227,7 @@ def parse_stream_chunk(raw: bytes) -> StreamChunk:
 def _parse_fast(raw: bytes) -> StreamChunk:
     view = memoryview(raw)
     size = len(raw)
-    name, kind, dtype, shape, offset, data, loss = "", 0, 0, (), 0, b"", None
+    name, kind, dtype, shape, offset, data, loss, scale = "", 0, 0, (), 0, b"", None, 0
     pos = 0
     while pos < size:
         tag = raw[pos]
@@ -206,6 +262,11 @@ def _parse_fast(raw: bytes) -> StreamChunk:
                 dtype = value
             else:
                 offset = value
+        elif tag == 0x40:  # scale_exponent: sint32, zigzag
+            value, pos = _read_varint(raw, pos)
+            if value >= 1 << 32:
+                raise _Unusual
+            scale = (value >> 1) ^ -(value & 1)
         elif tag == 0x39:  # loss: double
             if pos + 8 > size:
                 raise _Unusual
@@ -213,17 +274,23 @@ def _parse_fast(raw: bytes) -> StreamChunk:
             pos += 8
         else:
             raise _Unusual
-    return StreamChunk(name, kind, dtype, shape, offset, data, loss)
+    return StreamChunk(name, kind, dtype, shape, offset, data, loss, scale)
 
 
 @dataclass
 class _Pending:
-    """A tensor being filled from stream chunks."""
+    """A tensor being filled from stream chunks.
+
+    ``flat`` is the uint8 view of the received elements: of ``array`` itself, or, for
+    FLOAT16 and BFLOAT16, of a buffer decoded into the float32 ``array`` once complete.
+    """
 
     name: str
     kind: int
+    dtype: int
+    scale_exponent: int
     array: np.ndarray
-    flat: np.ndarray  # uint8 view of array's bytes
+    flat: np.ndarray
     received: int = 0
     chunks: int = 0
 
@@ -322,8 +389,11 @@ class _ChunkAssembler:
         if key in self._seen:
             raise DataLoss(f"tensor {chunk.name!r} was sent twice in the stream")
         self._seen.add(key)
-        dt = _checked_dtype(chunk.dtype, f"tensor {chunk.name!r}")
+        wire = _checked_dtype(chunk.dtype, f"tensor {chunk.name!r}")
+        dt = result_dtype(chunk.dtype)
         shape = _checked_shape(chunk.shape, f"tensor {chunk.name!r}")
+        if chunk.dtype not in REDUCED and chunk.scale_exponent:
+            raise DataLoss(f"tensor {chunk.name!r}: {wire.name} with scale_exponent {chunk.scale_exponent}")
         array = self._out.get(key)
         if array is not None:
             check_out_array(array, chunk.name, shape, dt)
@@ -331,7 +401,15 @@ class _ChunkAssembler:
             array = self._prepared.get(key)
             if array is None or array.shape != shape or array.dtype != dt:
                 array = np.empty(shape, dtype=dt)
-        return _Pending(chunk.name, chunk.kind, array, array.reshape(-1).view(np.uint8))
+        received = array if wire == dt else np.empty(shape, dtype=wire)
+        return _Pending(
+            chunk.name,
+            chunk.kind,
+            chunk.dtype,
+            chunk.scale_exponent,
+            array,
+            received.reshape(-1).view(np.uint8),
+        )
 
     def _write(self, pending: _Pending, chunk: StreamChunk) -> None:
         _check_same_layout(pending, chunk)
@@ -350,12 +428,19 @@ class _ChunkAssembler:
             raise DataLoss(
                 f"tensor {pending.name!r} is incomplete: got {pending.received} of {pending.flat.size} bytes"
             )
+        if pending.dtype in REDUCED:
+            wire = pending.flat.view(_WIRE_DTYPES[pending.dtype]).reshape(pending.array.shape)
+            decode_into(wire, pending.dtype, pending.scale_exponent, pending.array)
         self.tensors.append(AssembledTensor(pending.name, pending.kind, pending.array))
 
 
 def _check_same_layout(pending: _Pending, chunk: StreamChunk) -> None:
-    if chunk.shape != pending.array.shape or _WIRE_DTYPES.get(chunk.dtype) != pending.array.dtype:
-        raise DataLoss(f"tensor {pending.name!r} changed shape or dtype between chunks")
+    if (
+        chunk.shape != pending.array.shape
+        or chunk.dtype != pending.dtype
+        or chunk.scale_exponent != pending.scale_exponent
+    ):
+        raise DataLoss(f"tensor {pending.name!r} changed shape or dtype or scale between chunks")
 
 
 def _check_offset(pending: _Pending, offset: int, size: int) -> None:

@@ -31,7 +31,7 @@ from layergrad import _batching, _channel
 from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
 from layergrad._gen.layergrad.v1 import gradient_service_pb2_grpc as pb_grpc
 from layergrad._inputs import Images, to_inputs
-from layergrad._tensors import _ChunkAssembler, from_tensor, parse_stream_chunk
+from layergrad._tensors import _ChunkAssembler, parse_stream_chunk, result_from_tensor
 from layergrad.client import (
     _WAIT_REASONS,
     GradientResult,
@@ -207,13 +207,14 @@ class Client:
             output_dtype=_output_dtype(dtype),
             model=name,
             model_version=version,
+            float16_scaling=True,
         )
 
         async def run(part: pb.PredictRequest) -> dict[str, np.ndarray]:
             response = await self._invoke(
                 lambda kwargs: self._stub.Predict(part, **kwargs), timeout, wait_for_ready
             )
-            return {named.name: from_tensor(named.tensor) for named in response.activations}
+            return {named.name: result_from_tensor(named.tensor) for named in response.activations}
 
         batch = len(request.inputs)
         whole, limit = await self._whole_or_limit(batch, lambda: run(request), timeout)
@@ -224,7 +225,11 @@ class Client:
         parts = []
         for start, stop in _batching.bounds(batch, limit):
             part = pb.PredictRequest(
-                layers=request.layers, output_dtype=request.output_dtype, model=name, model_version=version
+                layers=request.layers,
+                output_dtype=request.output_dtype,
+                model=name,
+                model_version=version,
+                float16_scaling=True,
             )
             part.inputs.extend(request.inputs[start:stop])
             parts.append(await run(part))

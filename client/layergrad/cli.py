@@ -4,9 +4,15 @@
 
     layergrad models
     layergrad info [--json]
-    layergrad predict IMAGE... [--layers prob] [--top 5] [--out outputs.npz]
+    layergrad predict IMAGE... [--layers prob] [--top 5] [--out outputs.npz] [--dtype T]
     layergrad grad IMAGE... --out grads.npz [--loss SPEC] [--pattern grad] [--input]
-                   [--layers a,b|all] [--params a,b|all] [--activations a,b] [--float16]
+                   [--layers a,b|all] [--params a,b|all] [--activations a,b]
+                   [--dtype float32|float16|bfloat16] [--float16]
+
+``--dtype`` picks the element type on the wire: float16 and bfloat16 halve the bytes;
+the saved arrays are float32 holding the values received (float16 scaled into range
+per tensor by the server and unscaled here; a tensor that would still lose values is
+refused with an error that counts them).
 
 The server address comes from ``--target``, else ``$LAYERGRAD_TARGET``, else
 127.0.0.1:50051; a host without a port means port 50051. ``--model`` (else
@@ -146,6 +152,10 @@ def _add_info(commands: argparse._SubParsersAction) -> None:
     info.set_defaults(handler=_run_info)
 
 
+DTYPES = ("float32", "float16", "bfloat16")
+DTYPE_HELP = "element type on the wire (default: float32); saved as float32 either way"
+
+
 def _add_predict(commands: argparse._SubParsersAction) -> None:
     predict = commands.add_parser("predict", help="run the forward pass on images")
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG or PNG files")
@@ -159,6 +169,7 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
         "--top", type=int, default=5, metavar="K", help="classes to show per image (default: 5)"
     )
     predict.add_argument("--out", help="save the layer outputs to this .npz file")
+    predict.add_argument("--dtype", choices=DTYPES, default="float32", help=DTYPE_HELP)
     predict.set_defaults(handler=_run_predict)
 
 
@@ -176,7 +187,16 @@ def _add_grad(commands: argparse._SubParsersAction) -> None:
     grad.add_argument("--layers", type=_names_or_all, help="layer gradients: a,b or all")
     grad.add_argument("--params", type=_names_or_all, help="parameter gradients: a,b or all")
     grad.add_argument("--activations", type=_csv, default=[], help="also save these layers' outputs: a,b")
-    grad.add_argument("--float16", action="store_true", help="receive float16 tensors (half the transfer)")
+    dtype = grad.add_mutually_exclusive_group()
+    dtype.add_argument("--dtype", choices=DTYPES, default="float32", help=DTYPE_HELP)
+    dtype.add_argument(
+        "--float16",
+        action="store_const",
+        const="float16",
+        dest="dtype",
+        default="float32",
+        help="same as --dtype float16",
+    )
     grad.set_defaults(handler=_run_grad)
 
 
@@ -304,7 +324,9 @@ def _run_predict(client: Client, args: argparse.Namespace, out: TextIO) -> int:
             pass
     info = client.model_info()
     layers = args.layers or [info.probability_layer or info.layer_names[-1]]
-    outputs = client.predict(args.images, layers, progress=_progress_bar(args), model=info.model or None)
+    outputs = client.predict(
+        args.images, layers, dtype=args.dtype, progress=_progress_bar(args), model=info.model or None
+    )
     if info.probability_layer in outputs:
         _print_top(args.images, outputs[info.probability_layer], args.top, out, info)
     _print_summary(outputs, out)
@@ -335,7 +357,7 @@ def _run_grad(client: Client, args: argparse.Namespace, out: TextIO) -> int:
         layers=args.layers,
         input=want_input,
         activations=args.activations,
-        dtype="float16" if args.float16 else "float32",
+        dtype=args.dtype,
         progress=_progress_bar(args),
     )
     _save_result(result, args.out)

@@ -74,8 +74,8 @@ from layergrad._tensors import (
     TensorKey,
     _ChunkAssembler,
     dtype_name,
-    from_tensor,
     parse_stream_chunk,
+    result_from_tensor,
     touch_pages,
 )
 from layergrad.errors import (
@@ -135,7 +135,7 @@ _WAIT_REASONS = frozenset({"MODEL_LOADING"})
 _T = TypeVar("_T")
 Names: TypeAlias = str | Sequence[str]
 """Layer or parameter names: one name, a list of names, or "all" where allowed."""
-OutputDType: TypeAlias = Literal["float32", "float16"] | npt.DTypeLike
+OutputDType: TypeAlias = Literal["float32", "float16", "bfloat16"] | npt.DTypeLike
 
 
 class Pattern(enum.StrEnum):
@@ -570,13 +570,14 @@ class Client:
             output_dtype=_output_dtype(dtype),
             model=name,
             model_version=version,
+            float16_scaling=True,
         )
 
         def run(part: pb.PredictRequest) -> dict[str, np.ndarray]:
             response = self._invoke(
                 lambda kwargs: self._stub.Predict(part, **kwargs), timeout, wait_for_ready
             )
-            return {named.name: from_tensor(named.tensor) for named in response.activations}
+            return {named.name: result_from_tensor(named.tensor) for named in response.activations}
 
         batch = len(request.inputs)
         whole, limit = self._whole_or_limit(lambda: run(request), batch, progress, timeout)
@@ -585,7 +586,11 @@ class Client:
         parts = []
         for start, stop in _batching.bounds(batch, limit):
             part = pb.PredictRequest(
-                layers=request.layers, output_dtype=request.output_dtype, model=name, model_version=version
+                layers=request.layers,
+                output_dtype=request.output_dtype,
+                model=name,
+                model_version=version,
+                float16_scaling=True,
             )
             part.inputs.extend(request.inputs[start:stop])
             parts.append(run(part))
@@ -663,7 +668,14 @@ class Client:
                 Not allowed with pattern "backward".
             input: whether to return the gradient with respect to the prepared input.
             activations: layers whose forward outputs to return too.
-            dtype: element type of the returned tensors, "float32" or "float16".
+            dtype: element type on the wire, "float32", "float16" or "bfloat16". The two
+                reduced types halve the bytes sent and come back as float32 arrays holding
+                the values received: bfloat16 keeps float32's range with 8 significant bits;
+                float16 keeps 11, each tensor scaled by a power of two into float16's range
+                on the server and unscaled here. A tensor float16 (or bfloat16) cannot hold
+                without a value becoming infinite or zero raises OutOfRange (reason
+                FLOAT16_OUT_OF_RANGE or BFLOAT16_OUT_OF_RANGE; ``error_info.metadata`` counts
+                the values) rather than lose them.
             links: link paths (``"res4/b5"``, see ``ModelInfo.links``) whose outputs' gradients
                 to return (in ``GradientResult.links``). Not allowed with pattern "backward".
             model, model_version: the served model to use; None uses the Client's ``model``
@@ -919,7 +931,7 @@ class Client:
                 lambda kwargs: self._stub.ComputeGradients(part, **kwargs), timeout, wait_for_ready
             )
             tensors = [
-                AssembledTensor(named.name, named.kind, from_tensor(named.tensor))
+                AssembledTensor(named.name, named.kind, result_from_tensor(named.tensor))
                 for named in [*response.gradients, *response.activations]
             ]
             return _gradient_result(tensors, response.loss if response.HasField("loss") else None)
@@ -1204,6 +1216,7 @@ def _gradients_request(
         output_dtype=_output_dtype(dtype),
         model=_model_name(model),
         model_version=model_version,
+        float16_scaling=True,  # this SDK undoes the scale (see _tensors.decode_into)
     )
 
 
@@ -1255,6 +1268,8 @@ def _pattern(pattern: Pattern | str) -> int:
 
 
 def _output_dtype(dtype: OutputDType) -> int:
+    if isinstance(dtype, str) and dtype == "bfloat16":
+        return pb.DATA_TYPE_BFLOAT16
     try:
         dt = np.dtype(dtype)
     except TypeError:
@@ -1263,7 +1278,7 @@ def _output_dtype(dtype: OutputDType) -> int:
         return pb.DATA_TYPE_FLOAT32
     if dt == np.float16:
         return pb.DATA_TYPE_FLOAT16
-    raise ValueError(f"dtype must be 'float32' or 'float16', not {dtype!r}")
+    raise ValueError(f"dtype must be 'float32', 'float16' or 'bfloat16', not {dtype!r}")
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
 
-from layergrad_server import engine, images
-from layergrad_server.errors import InvalidArgument
+from layergrad_server import engine, images, precision
+from layergrad_server.errors import InvalidArgument, OutOfRange
 from layergrad_server.models import ModelAdapter
 
 DTYPES = {
@@ -26,6 +26,7 @@ DTYPES = {
     pb.DATA_TYPE_UINT8: np.dtype("u1"),
     pb.DATA_TYPE_INT32: np.dtype("<i4"),
     pb.DATA_TYPE_INT64: np.dtype("<i8"),
+    pb.DATA_TYPE_BFLOAT16: precision.BFLOAT16.newbyteorder("<"),  # bit patterns, see precision
 }
 _DTYPE_ENUMS = {dtype.newbyteorder("="): value for value, dtype in DTYPES.items()}
 
@@ -235,13 +236,15 @@ def loss_from_proto(message: pb.Loss) -> engine.Loss | None:
 
 
 def output_dtype(value: int) -> np.dtype:
-    """The requested output element type; UNSPECIFIED means float32."""
+    """The requested output element type; UNSPECIFIED means float32, BFLOAT16 is
+    ``precision.BFLOAT16``."""
     if value == pb.DATA_TYPE_UNSPECIFIED:
         return np.dtype(np.float32)
-    if value in (pb.DATA_TYPE_FLOAT32, pb.DATA_TYPE_FLOAT16):
+    if value in (pb.DATA_TYPE_FLOAT32, pb.DATA_TYPE_FLOAT16, pb.DATA_TYPE_BFLOAT16):
         return DTYPES[value].newbyteorder("=")
     raise InvalidArgument(
-        f"output_dtype {_dtype_name(value)} is not supported; use DATA_TYPE_FLOAT32 or DATA_TYPE_FLOAT16",
+        f"output_dtype {_dtype_name(value)} is not supported; use DATA_TYPE_FLOAT32, DATA_TYPE_FLOAT16 "
+        "or DATA_TYPE_BFLOAT16",
         field="output_dtype",
         reason="BAD_DTYPE",
     )
@@ -270,6 +273,80 @@ def query_from_proto(
     )
 
 
+# ---- output types -----------------------------------------------------------------
+
+
+def encode_outputs(
+    tensors: Sequence[engine.ResultTensor], scaling: bool, *, defer: bool = False
+) -> tuple[list[engine.ResultTensor], list[int]]:
+    """Tensors in their output types through ``precision``, with their scale exponents.
+
+    Tensors whose output type is their compute type (float32) pass as they are, with
+    exponent 0. Raises OutOfRange, before anything is sent, when a tensor would lose
+    values: a finite value becoming infinite or a non-zero value becoming zero (see
+    ``ComputeGradientsRequest.output_dtype`` in the contract). With ``defer`` the tensors
+    are checked and their exponents found, but they stay unconverted, for the stream to
+    convert chunk by chunk (``precision.convert`` is elementwise).
+    """
+    out: list[engine.ResultTensor] = []
+    exponents: list[int] = []
+    refused: list[tuple[engine.ResultTensor, precision.Fit]] = []
+    for tensor in tensors:
+        if tensor.array.dtype == tensor.output_dtype:
+            out.append(tensor)
+            exponents.append(0)
+            continue
+        how = precision.fit(tensor.array, tensor.output_dtype, scaling=scaling)
+        if how.overflow or how.underflow:
+            refused.append((tensor, how))
+        elif not defer:
+            data = precision.convert(tensor.array, tensor.output_dtype, how.exponent)
+            tensor = engine.ResultTensor(tensor.name, tensor.kind, data)
+        out.append(tensor)
+        exponents.append(how.exponent)
+    if refused:
+        raise _out_of_range(refused, scaling)
+    return out, exponents
+
+
+def _out_of_range(refused: list[tuple[engine.ResultTensor, precision.Fit]], scaling: bool) -> OutOfRange:
+    tensor, encoded = refused[0]
+    bfloat16 = tensor.output_dtype == precision.BFLOAT16
+    name = "BFLOAT16" if bfloat16 else "FLOAT16"
+    if bfloat16:
+        advice = "ask for FLOAT32"
+    elif scaling:
+        advice = (
+            "even scaled by a power of two its values span more than float16 holds (about 2**39 "
+            "between the largest and the smallest kept); ask for BFLOAT16 or FLOAT32"
+        )
+    else:
+        advice = "set float16_scaling to have each tensor scaled into range, or ask for BFLOAT16 or FLOAT32"
+    others = f" (and {len(refused) - 1} more tensors)" if len(refused) > 1 else ""
+    return OutOfRange(
+        f"{name} output would lose values: {tensor.name!r}{others} has {encoded.overflow} finite values "
+        f"that would become infinite and {encoded.underflow} non-zero values that would become zero; "
+        f"nothing was sent: {advice}",
+        field="output_dtype",
+        reason=f"{name}_OUT_OF_RANGE",
+        metadata={
+            "tensor": tensor.name,
+            "overflow": str(encoded.overflow),
+            "underflow": str(encoded.underflow),
+            "tensors": str(len(refused)),
+        },
+    )
+
+
+def encode_result(
+    result: engine.GradientResult, scaling: bool, *, defer: bool = False
+) -> tuple[engine.GradientResult, list[int]]:
+    """``encode_outputs`` of a gradient result: the result (in its output types unless
+    ``defer``) and the exponents."""
+    tensors, exponents = encode_outputs(result.tensors, scaling, defer=defer)
+    return engine.GradientResult(tensors, result.loss), exponents
+
+
 # ---- numpy -> protobuf -----------------------------------------------------------
 
 
@@ -282,43 +359,59 @@ def _little_endian(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
 
 
-def array_to_tensor(array: np.ndarray) -> pb.Tensor:
-    """A numpy array as a Tensor."""
-    return pb.Tensor(dtype=dtype_enum(array.dtype), shape=array.shape, data=_little_endian(array).tobytes())
-
-
-def named_tensor(tensor: engine.ResultTensor) -> pb.NamedTensor:
-    return pb.NamedTensor(
-        name=tensor.name, kind=KINDS[tensor.kind], tensor=array_to_tensor(tensor.converted())
+def array_to_tensor(array: np.ndarray, scale_exponent: int = 0) -> pb.Tensor:
+    """A numpy array (bfloat16 as ``precision.BFLOAT16`` bits) as a Tensor."""
+    return pb.Tensor(
+        dtype=dtype_enum(array.dtype),
+        shape=array.shape,
+        data=_little_endian(array).tobytes(),
+        scale_exponent=scale_exponent,
     )
 
 
-def gradients_response(result: engine.GradientResult) -> pb.ComputeGradientsResponse:
-    """A gradient result as one unary response."""
+def named_tensor(tensor: engine.ResultTensor, scale_exponent: int = 0) -> pb.NamedTensor:
+    """An encoded result tensor (see ``encode_outputs``) as a NamedTensor."""
+    return pb.NamedTensor(
+        name=tensor.name, kind=KINDS[tensor.kind], tensor=array_to_tensor(tensor.converted(), scale_exponent)
+    )
+
+
+def _exponents(result: engine.GradientResult, exponents: Sequence[int] | None) -> Sequence[int]:
+    return [0] * len(result.tensors) if exponents is None else exponents
+
+
+def gradients_response(
+    result: engine.GradientResult, exponents: Sequence[int] | None = None
+) -> pb.ComputeGradientsResponse:
+    """An encoded gradient result (see ``encode_result``) as one unary response."""
+    pairs = list(zip(result.tensors, _exponents(result, exponents), strict=True))
     response = pb.ComputeGradientsResponse(
-        gradients=[named_tensor(t) for t in result.tensors if t.kind is not engine.Kind.ACTIVATION],
-        activations=[named_tensor(t) for t in result.tensors if t.kind is engine.Kind.ACTIVATION],
+        gradients=[named_tensor(t, e) for t, e in pairs if t.kind is not engine.Kind.ACTIVATION],
+        activations=[named_tensor(t, e) for t, e in pairs if t.kind is engine.Kind.ACTIVATION],
     )
     if result.loss is not None:
         response.loss = result.loss
     return response
 
 
-def gradient_chunks(result: engine.GradientResult, chunk_bytes: int) -> Iterator[pb.StreamGradientsResponse]:
+def gradient_chunks(
+    result: engine.GradientResult, chunk_bytes: int, exponents: Sequence[int] | None = None
+) -> Iterator[pb.StreamGradientsResponse]:
     """A gradient result as stream messages of at most ``chunk_bytes`` data bytes each.
 
     The reference encoding, through the generated class; the server sends the
     byte-identical ``gradient_frames``.
     """
     first = True
-    for tensor in result.tensors:
+    for tensor, exponent in zip(result.tensors, _exponents(result, exponents), strict=True):
         header = {
             "name": tensor.name,
             "kind": KINDS[tensor.kind],
             "dtype": dtype_enum(tensor.output_dtype),
             "shape": tensor.array.shape,
+            "scale_exponent": exponent,
         }
-        for offset, data in _byte_chunks(tensor, chunk_bytes):
+        for offset, data in _byte_chunks(tensor, chunk_bytes, exponent):
             message = pb.StreamGradientsResponse(offset=offset, data=bytes(data), **header)
             if first and result.loss is not None:
                 message.loss = result.loss
@@ -334,6 +427,7 @@ _SHAPE = b"\x22"  # 4, packed varints
 _OFFSET = b"\x28"  # 5, varint
 _DATA = b"\x32"  # 6, length-delimited
 _LOSS = b"\x39"  # 7, 64-bit
+_SCALE = b"\x40"  # 8, varint (sint32: zigzag)
 
 
 def _varint(value: int) -> bytes:
@@ -362,7 +456,14 @@ def _frame_header(name: str, kind: int, dtype: int, shape: tuple[int, ...]) -> b
     return b"".join(parts)
 
 
-def gradient_frames(result: engine.GradientResult, chunk_bytes: int) -> Iterator[bytes]:
+def _zigzag(value: int) -> int:
+    """A sint32 as the unsigned integer its varint encodes."""
+    return (value << 1) ^ (value >> 31)
+
+
+def gradient_frames(
+    result: engine.GradientResult, chunk_bytes: int, exponents: Sequence[int] | None = None
+) -> Iterator[bytes]:
     """The messages of ``gradient_chunks``, serialized: the same bytes, with one copy of the data.
 
     Each message is built with one ``join`` of the tensor's header (encoded once),
@@ -372,11 +473,12 @@ def gradient_frames(result: engine.GradientResult, chunk_bytes: int) -> Iterator
     message leaves before the whole result is converted.
     """
     first = True
-    for tensor in result.tensors:
+    for tensor, exponent in zip(result.tensors, _exponents(result, exponents), strict=True):
         header = _frame_header(
             tensor.name, KINDS[tensor.kind], dtype_enum(tensor.output_dtype), tensor.array.shape
         )
-        for offset, data in _byte_chunks(tensor, chunk_bytes):
+        scale = _SCALE + _varint(_zigzag(exponent)) if exponent else b""
+        for offset, data in _byte_chunks(tensor, chunk_bytes, exponent):
             loss = b""
             if first and result.loss is not None:
                 loss = _LOSS + struct.pack("<d", result.loss)
@@ -388,13 +490,17 @@ def gradient_frames(result: engine.GradientResult, chunk_bytes: int) -> Iterator
                     _DATA + _varint(len(data)) if len(data) else b"",
                     data,
                     loss,
+                    scale,
                 )
             )
 
 
-def _byte_chunks(tensor: engine.ResultTensor, chunk_bytes: int) -> Iterator[tuple[int, memoryview]]:
+def _byte_chunks(
+    tensor: engine.ResultTensor, chunk_bytes: int, exponent: int = 0
+) -> Iterator[tuple[int, memoryview]]:
     """(offset, bytes) pieces of at most ``chunk_bytes`` of the tensor in its output type,
-    little-endian; one piece, empty, for an empty tensor."""
+    little-endian, converted piece by piece (with scale ``exponent``) if it is not yet;
+    one piece, empty, for an empty tensor."""
     dtype = tensor.output_dtype.newbyteorder("<")
     if tensor.array.dtype == dtype:
         flat = memoryview(np.ascontiguousarray(tensor.array).reshape(-1).view(np.uint8))
@@ -406,9 +512,15 @@ def _byte_chunks(tensor: engine.ResultTensor, chunk_bytes: int) -> Iterator[tupl
     for offset in range(0, max(total, 1), chunk_bytes):
         end = min(offset + chunk_bytes, total)
         first, last = offset // dtype.itemsize, -(-end // dtype.itemsize)
-        block = memoryview(source[first:last].astype(dtype).view(np.uint8))
+        block = memoryview(_converted(source[first:last], dtype, exponent).view(np.uint8))
         skip = offset - first * dtype.itemsize
         yield offset, block[skip : skip + end - offset]
+
+
+def _converted(array: np.ndarray, dtype: np.dtype, exponent: int) -> np.ndarray:
+    if dtype in (precision.FLOAT16, precision.BFLOAT16) and array.dtype == np.float32:
+        return precision.convert(array, dtype, exponent)
+    return array.astype(dtype)
 
 
 def converts(result: engine.GradientResult) -> bool:
@@ -473,5 +585,9 @@ def stream_response_serializer(response: bytes | pb.StreamGradientsResponse) -> 
     return response.SerializeToString()
 
 
-def predict_response(tensors: Sequence[engine.ResultTensor]) -> pb.PredictResponse:
-    return pb.PredictResponse(activations=[named_tensor(t) for t in tensors])
+def predict_response(tensors: Sequence[engine.ResultTensor], scaling: bool = False) -> pb.PredictResponse:
+    """Predict's outputs, converted to their output type (OutOfRange if that would lose values)."""
+    encoded, exponents = encode_outputs(tensors, scaling)
+    return pb.PredictResponse(
+        activations=[named_tensor(t, e) for t, e in zip(encoded, exponents, strict=True)]
+    )

@@ -32,6 +32,7 @@ import chainer  # importable on numpy 2: the package __init__ applied the shim
 import chainer.functions as F  # noqa: N812
 import numpy as np
 
+from layergrad_server import precision
 from layergrad_server.errors import InvalidArgument, names_hint, shown
 from layergrad_server.models import Description, ModelAdapter, trace
 from layergrad_server.models.base import ordered_params
@@ -47,7 +48,8 @@ MODEL_NAME = DEFAULT_ADAPTER.name
 #: VGG16's seeded random weights as an npz (the default model's ``random:SEED``).
 random_weights_npz = vgg16_random_npz
 INPUT_NAME = "input"
-OUTPUT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+# float32, float16 and bfloat16 (as ``precision.BFLOAT16`` bits), converted by ``precision``.
+OUTPUT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), precision.BFLOAT16)
 
 
 class Pattern(enum.Enum):
@@ -493,7 +495,7 @@ class Engine:
             )
         if query.output_dtype not in OUTPUT_DTYPES:
             raise InvalidArgument(
-                "output_dtype must be FLOAT32 or FLOAT16", field="output_dtype", reason="BAD_DTYPE"
+                "output_dtype must be FLOAT32, FLOAT16 or BFLOAT16", field="output_dtype", reason="BAD_DTYPE"
             )
         if query.all_layers:
             layers = tuple(n for n in self.layer_names if self._loss_reaches(loss_layer, n))
@@ -569,7 +571,7 @@ class Engine:
         self._check_batch(inputs)
         if output_dtype not in OUTPUT_DTYPES:
             raise InvalidArgument(
-                "output_dtype must be FLOAT32 or FLOAT16", field="output_dtype", reason="BAD_DTYPE"
+                "output_dtype must be FLOAT32, FLOAT16 or BFLOAT16", field="output_dtype", reason="BAD_DTYPE"
             )
         names = dict.fromkeys(
             self._check_layer(n, "layers") for n in (layers or [self.adapter.default_output])
@@ -624,7 +626,13 @@ class Engine:
         ):
             acts = self._forward(self.device.send(inputs), names)
             arrays = {n: _to_host(acts[n].array) for n in names}
-        return [ResultTensor(n, Kind.ACTIVATION, arrays[n].astype(output_dtype, copy=False)) for n in names]
+        # Left in float32 with the output type attached: the caller converts through ``precision``.
+        return [
+            ResultTensor(
+                n, Kind.ACTIVATION, arrays[n], None if arrays[n].dtype == output_dtype else output_dtype
+            )
+            for n in names
+        ]
 
     def gradients(
         self, plan: Plan, *, checkpoint: Checkpoint | None = None, defer_dtype: bool = False
@@ -656,7 +664,7 @@ class Engine:
             ]
         tensors = [
             ResultTensor(spec.name, spec.kind, array, spec.dtype)
-            if defer_dtype and array.dtype != spec.dtype
+            if (defer_dtype or spec.dtype == precision.BFLOAT16) and array.dtype != spec.dtype
             else ResultTensor(spec.name, spec.kind, array.astype(spec.dtype, copy=False))
             for spec, array in zip(plan.results, arrays, strict=True)
         ]

@@ -77,6 +77,13 @@ class FailedPrecondition(LayergradError):
     default_reason = "FAILED_PRECONDITION"
 
 
+class OutOfRange(LayergradError):
+    """A computed value lies outside what the requested output type can hold."""
+
+    status = "OUT_OF_RANGE"
+    default_reason = "OUT_OF_RANGE"
+
+
 class Overloaded(LayergradError):
     """Every compute slot and queue place is taken; ``retry_after`` says when to retry."""
 

@@ -6,7 +6,9 @@
 * ``Convolution2DFunction.forward_cpu`` (convolution): im2col written in row bands from a small
   zero-padded copy of the input rows each band reads (no ``numpy.pad`` of the whole image, no nine
   full-size slice copies, any input memory order), into a reused buffer, then the ``numpy.dot``
-  that ``numpy.tensordot`` makes;
+  that ``numpy.tensordot`` makes; for a batch, im2col writes each patch straight into the
+  row-ordered matrix that ``tensordot`` would copy the whole im2col matrix into (the copy, a
+  transpose of 115 MB per image for conv1_2, took more time than the product at batch > 1);
 * ``Convolution2DGradW.forward_cpu`` (weight gradient): the same im2col, then the same ``dot``;
 * ``Deconvolution2DFunction.forward_cpu`` (transposed convolution, the input-gradient path of a
   convolution): the same ``dot``, written into a reused buffer, then col2im summed a block of
@@ -303,25 +305,36 @@ def _conv_forward_cpu(self: Any, inputs: tuple[numpy.ndarray, ...]) -> tuple[num
     if oh <= 0 or ow <= 0:
         return _ORIGINALS[_convolution_2d.Convolution2DFunction, "forward_cpu"](self, inputs)
     self.retain_inputs((0, 1))
-    with _pool.array((n, c, kh, kw, oh, ow), _FLOAT32) as col:
+    with _patches(n, c, kh, kw, oh, ow) as (col, patches):
         _im2col(x, kh, kw, self.sy, self.sx, self.ph, self.pw, col)
-        y = _matmul_cols_first(col, w)
+        y = numpy.dot(patches, w.transpose(1, 2, 3, 0).reshape(c * kh * kw, out_c))
     y = y.reshape(n, oh, ow, out_c)
     if b is not None:
         y += b
     return (numpy.rollaxis(y, 3, 1),)
 
 
-def _matmul_cols_first(col: numpy.ndarray, w: numpy.ndarray) -> numpy.ndarray:
-    """``numpy.tensordot(col, w, ((1, 2, 3), (1, 2, 3)))`` as a 2-D (n*oh*ow, out_c) product."""
-    n, c, kh, kw, oh, ow = col.shape
-    rows = n * oh * ow
-    w_t = w.transpose(1, 2, 3, 0).reshape(c * kh * kw, w.shape[0])
+@contextlib.contextmanager
+def _patches(
+    n: int, c: int, kh: int, kw: int, oh: int, ow: int
+) -> Iterator[tuple[numpy.ndarray, numpy.ndarray]]:
+    """A pooled im2col matrix ``col`` (n, c, kh, kw, oh, ow) for ``_im2col`` to fill, and the
+    (n*oh*ow, c*kh*kw) matrix of patches that ``numpy.tensordot`` makes of it, in the memory
+    layout stock's ``tensordot`` hands to ``numpy.dot``.
+
+    For one image that is a view of ``col`` in stock's im2col layout. For a batch, stock's
+    reshape copies the patches into row order; here ``col`` is a view of that row-ordered
+    matrix, so that ``_im2col`` writes the patches there directly: the operands of the product
+    are the same values in the same layout, without the copy (a transpose of the whole
+    matrix) or a second matrix of that size.
+    """
+    rows, depth = n * oh * ow, c * kh * kw
     if n == 1:
-        return numpy.dot(col.transpose(0, 4, 5, 1, 2, 3).reshape(rows, c * kh * kw), w_t)
+        with _pool.array((n, c, kh, kw, oh, ow), _FLOAT32) as col:
+            yield col, col.transpose(0, 4, 5, 1, 2, 3).reshape(rows, depth)
+        return
     with _pool.array((n, oh, ow, c, kh, kw), _FLOAT32) as patches:
-        numpy.copyto(patches, col.transpose(0, 4, 5, 1, 2, 3))
-        return numpy.dot(patches.reshape(rows, c * kh * kw), w_t)
+        yield patches.transpose(0, 3, 4, 5, 1, 2), patches.reshape(rows, depth)
 
 
 def _conv_grad_w_forward_cpu(self: Any, inputs: tuple[numpy.ndarray, ...]) -> tuple[numpy.ndarray]:
@@ -346,14 +359,9 @@ def _conv_grad_w_forward_cpu(self: Any, inputs: tuple[numpy.ndarray, ...]) -> tu
         gy = numpy.ascontiguousarray(gy)
     rows = n * oh * ow
     gy_t = gy.transpose(1, 0, 2, 3).reshape(out_c, rows)
-    with _pool.array((n, c, kh, kw, oh, ow), _FLOAT32) as col:
+    with _patches(n, c, kh, kw, oh, ow) as (col, patches):
         _im2col(x, kh, kw, self.sy, self.sx, self.ph, self.pw, col)
-        if n == 1:
-            gw = numpy.dot(gy_t, col.transpose(0, 4, 5, 1, 2, 3).reshape(rows, c * kh * kw))
-        else:
-            with _pool.array((n, oh, ow, c, kh, kw), _FLOAT32) as patches:
-                numpy.copyto(patches, col.transpose(0, 4, 5, 1, 2, 3))
-                gw = numpy.dot(gy_t, patches.reshape(rows, c * kh * kw))
+        gw = numpy.dot(gy_t, patches)
     return (gw.reshape(out_c, c, kh, kw),)
 
 

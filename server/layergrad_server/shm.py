@@ -49,7 +49,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
 
-from layergrad_server import engine
+from layergrad_server import engine, precision
 from layergrad_server.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 
 logger = logging.getLogger(__name__)
@@ -203,8 +203,9 @@ class Target:
         self._specs = specs
         self.offsets = offsets
 
-    def write(self, tensors: Sequence[engine.ResultTensor]) -> None:
-        """Copies each tensor, converted to its output type on the way, into the region (one pass each)."""
+    def write(self, tensors: Sequence[engine.ResultTensor], exponents: Sequence[int] | None = None) -> None:
+        """Copies each tensor, converted to its output type on the way (float16 with its scale
+        ``exponents``, see ``convert.encode_outputs``), into the region (one pass each)."""
         if len(tensors) != len(self._specs):
             raise RuntimeError(f"{len(tensors)} tensors computed, {len(self._specs)} planned")
         memory = self._mapping.memory
@@ -215,16 +216,28 @@ class Target:
                 "the call; do not resize a segment while a call writes into it",
                 reason="REGION_RESIZED",
             )
-        for tensor, spec, offset in zip(tensors, self._specs, self.offsets, strict=True):
+        scales = [0] * len(tensors) if exponents is None else exponents
+        for tensor, spec, offset, exponent in zip(tensors, self._specs, self.offsets, scales, strict=True):
             if tensor.array.shape != spec.shape or tensor.output_dtype != spec.dtype:
                 raise RuntimeError(f"tensor {tensor.name!r} does not match its plan {spec}")
-            _copy_into(memory, offset, tensor.array, spec.dtype)
+            _copy_into(memory, offset, tensor.array, spec.dtype, exponent)
 
 
-def _copy_into(memory: mmap.mmap, offset: int, array: np.ndarray, dtype: np.dtype) -> None:
-    """``array`` as ``dtype`` (little-endian, row-major) at byte ``offset`` of ``memory``."""
+# Elements converted at a time into a reduced output type, so that the temporaries stay in cache.
+_CONVERT_BLOCK = 1 << 16
+
+
+def _copy_into(memory: mmap.mmap, offset: int, array: np.ndarray, dtype: np.dtype, exponent: int = 0) -> None:
+    """``array`` as ``dtype`` (little-endian, row-major) at byte ``offset`` of ``memory``; float32
+    to float16 (scaled by ``2**exponent``) or bfloat16 through ``precision``."""
     target = np.ndarray(array.shape, dtype=dtype.newbyteorder("<"), buffer=memory, offset=offset)
-    np.copyto(target, array, casting="same_kind")
+    if array.dtype == dtype or dtype not in (precision.FLOAT16, precision.BFLOAT16):
+        np.copyto(target, array, casting="same_kind")
+        return
+    source, flat = array.reshape(-1), target.reshape(-1)
+    for start in range(0, source.size, _CONVERT_BLOCK):
+        stop = start + _CONVERT_BLOCK
+        flat[start:stop] = precision.convert(source[start:stop], dtype, exponent)
 
 
 class RegionMaps:

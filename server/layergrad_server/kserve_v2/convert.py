@@ -55,9 +55,18 @@ DATATYPES: dict[str, np.dtype] = {
     "FP64": np.dtype("<f8"),
 }
 #: layergrad.v1 tensor dtype -> v2 datatype of an output.
-OUTPUT_DATATYPES = {pb.DATA_TYPE_FLOAT32: "FP32", pb.DATA_TYPE_FLOAT16: "FP16", pb.DATA_TYPE_FLOAT64: "FP64"}
+OUTPUT_DATATYPES = {
+    pb.DATA_TYPE_FLOAT32: "FP32",
+    pb.DATA_TYPE_FLOAT16: "FP16",
+    pb.DATA_TYPE_BFLOAT16: "BF16",
+    pb.DATA_TYPE_FLOAT64: "FP64",
+}
 #: The ``output_datatype`` parameter -> layergrad.v1 output dtype.
-OUTPUT_DTYPE_PARAMETER = {"FP32": pb.DATA_TYPE_FLOAT32, "FP16": pb.DATA_TYPE_FLOAT16}
+OUTPUT_DTYPE_PARAMETER = {
+    "FP32": pb.DATA_TYPE_FLOAT32,
+    "FP16": pb.DATA_TYPE_FLOAT16,
+    "BF16": pb.DATA_TYPE_BFLOAT16,
+}
 #: Which InferTensorContents field holds each datatype's elements.
 _CONTENTS_FIELDS = {
     "BOOL": "bool_contents",

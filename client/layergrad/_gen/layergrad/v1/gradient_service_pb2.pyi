@@ -17,6 +17,7 @@ class DataType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DATA_TYPE_UINT8: _ClassVar[DataType]
     DATA_TYPE_INT32: _ClassVar[DataType]
     DATA_TYPE_INT64: _ClassVar[DataType]
+    DATA_TYPE_BFLOAT16: _ClassVar[DataType]
 
 class BackwardPattern(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -47,6 +48,7 @@ DATA_TYPE_FLOAT64: DataType
 DATA_TYPE_UINT8: DataType
 DATA_TYPE_INT32: DataType
 DATA_TYPE_INT64: DataType
+DATA_TYPE_BFLOAT16: DataType
 BACKWARD_PATTERN_UNSPECIFIED: BackwardPattern
 BACKWARD_PATTERN_BACKWARD: BackwardPattern
 BACKWARD_PATTERN_BACKWARD_RETAIN_GRAD: BackwardPattern
@@ -63,14 +65,16 @@ MODEL_STATE_READY: ModelState
 MODEL_STATE_FAILED: ModelState
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data")
+    __slots__ = ("dtype", "shape", "data", "scale_exponent")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    SCALE_EXPONENT_FIELD_NUMBER: _ClassVar[int]
     dtype: DataType
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
-    def __init__(self, dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    scale_exponent: int
+    def __init__(self, dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., scale_exponent: _Optional[int] = ...) -> None: ...
 
 class Input(_message.Message):
     __slots__ = ("encoded_image", "rgb_image", "prepared")
@@ -161,7 +165,7 @@ class NamedTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[TensorKind, str]] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ComputeGradientsRequest(_message.Message):
-    __slots__ = ("inputs", "loss", "pattern", "targets", "activation_layers", "output_dtype", "model", "model_version")
+    __slots__ = ("inputs", "loss", "pattern", "targets", "activation_layers", "output_dtype", "model", "model_version", "float16_scaling")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     PATTERN_FIELD_NUMBER: _ClassVar[int]
@@ -170,6 +174,7 @@ class ComputeGradientsRequest(_message.Message):
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FLOAT16_SCALING_FIELD_NUMBER: _ClassVar[int]
     inputs: _containers.RepeatedCompositeFieldContainer[Input]
     loss: Loss
     pattern: BackwardPattern
@@ -178,7 +183,8 @@ class ComputeGradientsRequest(_message.Message):
     output_dtype: DataType
     model: str
     model_version: str
-    def __init__(self, inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., loss: _Optional[_Union[Loss, _Mapping]] = ..., pattern: _Optional[_Union[BackwardPattern, str]] = ..., targets: _Optional[_Union[GradientTargets, _Mapping]] = ..., activation_layers: _Optional[_Iterable[str]] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
+    float16_scaling: bool
+    def __init__(self, inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., loss: _Optional[_Union[Loss, _Mapping]] = ..., pattern: _Optional[_Union[BackwardPattern, str]] = ..., targets: _Optional[_Union[GradientTargets, _Mapping]] = ..., activation_layers: _Optional[_Iterable[str]] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., float16_scaling: _Optional[bool] = ...) -> None: ...
 
 class ComputeGradientsResponse(_message.Message):
     __slots__ = ("gradients", "activations", "loss")
@@ -191,7 +197,7 @@ class ComputeGradientsResponse(_message.Message):
     def __init__(self, gradients: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., activations: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., loss: _Optional[float] = ...) -> None: ...
 
 class StreamGradientsRequest(_message.Message):
-    __slots__ = ("inputs", "loss", "pattern", "targets", "activation_layers", "output_dtype", "model", "model_version")
+    __slots__ = ("inputs", "loss", "pattern", "targets", "activation_layers", "output_dtype", "model", "model_version", "float16_scaling")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     PATTERN_FIELD_NUMBER: _ClassVar[int]
@@ -200,6 +206,7 @@ class StreamGradientsRequest(_message.Message):
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FLOAT16_SCALING_FIELD_NUMBER: _ClassVar[int]
     inputs: _containers.RepeatedCompositeFieldContainer[Input]
     loss: Loss
     pattern: BackwardPattern
@@ -208,10 +215,11 @@ class StreamGradientsRequest(_message.Message):
     output_dtype: DataType
     model: str
     model_version: str
-    def __init__(self, inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., loss: _Optional[_Union[Loss, _Mapping]] = ..., pattern: _Optional[_Union[BackwardPattern, str]] = ..., targets: _Optional[_Union[GradientTargets, _Mapping]] = ..., activation_layers: _Optional[_Iterable[str]] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
+    float16_scaling: bool
+    def __init__(self, inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., loss: _Optional[_Union[Loss, _Mapping]] = ..., pattern: _Optional[_Union[BackwardPattern, str]] = ..., targets: _Optional[_Union[GradientTargets, _Mapping]] = ..., activation_layers: _Optional[_Iterable[str]] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., float16_scaling: _Optional[bool] = ...) -> None: ...
 
 class StreamGradientsResponse(_message.Message):
-    __slots__ = ("name", "kind", "dtype", "shape", "offset", "data", "loss")
+    __slots__ = ("name", "kind", "dtype", "shape", "offset", "data", "loss", "scale_exponent")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -219,6 +227,7 @@ class StreamGradientsResponse(_message.Message):
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
+    SCALE_EXPONENT_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: TensorKind
     dtype: DataType
@@ -226,7 +235,8 @@ class StreamGradientsResponse(_message.Message):
     offset: int
     data: bytes
     loss: float
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[TensorKind, str]] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., loss: _Optional[float] = ...) -> None: ...
+    scale_exponent: int
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[TensorKind, str]] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., loss: _Optional[float] = ..., scale_exponent: _Optional[int] = ...) -> None: ...
 
 class SharedMemoryRegion(_message.Message):
     __slots__ = ("name", "offset", "size")
@@ -239,7 +249,7 @@ class SharedMemoryRegion(_message.Message):
     def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
 
 class ExportGradientsRequest(_message.Message):
-    __slots__ = ("inputs", "loss", "pattern", "targets", "activation_layers", "output_dtype", "region", "model", "model_version")
+    __slots__ = ("inputs", "loss", "pattern", "targets", "activation_layers", "output_dtype", "region", "model", "model_version", "float16_scaling")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     PATTERN_FIELD_NUMBER: _ClassVar[int]
@@ -249,6 +259,7 @@ class ExportGradientsRequest(_message.Message):
     REGION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FLOAT16_SCALING_FIELD_NUMBER: _ClassVar[int]
     inputs: _containers.RepeatedCompositeFieldContainer[Input]
     loss: Loss
     pattern: BackwardPattern
@@ -258,21 +269,24 @@ class ExportGradientsRequest(_message.Message):
     region: SharedMemoryRegion
     model: str
     model_version: str
-    def __init__(self, inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., loss: _Optional[_Union[Loss, _Mapping]] = ..., pattern: _Optional[_Union[BackwardPattern, str]] = ..., targets: _Optional[_Union[GradientTargets, _Mapping]] = ..., activation_layers: _Optional[_Iterable[str]] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., region: _Optional[_Union[SharedMemoryRegion, _Mapping]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
+    float16_scaling: bool
+    def __init__(self, inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., loss: _Optional[_Union[Loss, _Mapping]] = ..., pattern: _Optional[_Union[BackwardPattern, str]] = ..., targets: _Optional[_Union[GradientTargets, _Mapping]] = ..., activation_layers: _Optional[_Iterable[str]] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., region: _Optional[_Union[SharedMemoryRegion, _Mapping]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., float16_scaling: _Optional[bool] = ...) -> None: ...
 
 class TensorRef(_message.Message):
-    __slots__ = ("name", "kind", "dtype", "shape", "offset")
+    __slots__ = ("name", "kind", "dtype", "shape", "offset", "scale_exponent")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SCALE_EXPONENT_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: TensorKind
     dtype: DataType
     shape: _containers.RepeatedScalarFieldContainer[int]
     offset: int
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[TensorKind, str]] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ...) -> None: ...
+    scale_exponent: int
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[TensorKind, str]] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., scale_exponent: _Optional[int] = ...) -> None: ...
 
 class ExportGradientsResponse(_message.Message):
     __slots__ = ("tensors", "loss")
@@ -283,18 +297,20 @@ class ExportGradientsResponse(_message.Message):
     def __init__(self, tensors: _Optional[_Iterable[_Union[TensorRef, _Mapping]]] = ..., loss: _Optional[float] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ("inputs", "layers", "output_dtype", "model", "model_version")
+    __slots__ = ("inputs", "layers", "output_dtype", "model", "model_version", "float16_scaling")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FLOAT16_SCALING_FIELD_NUMBER: _ClassVar[int]
     inputs: _containers.RepeatedCompositeFieldContainer[Input]
     layers: _containers.RepeatedScalarFieldContainer[str]
     output_dtype: DataType
     model: str
     model_version: str
-    def __init__(self, inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., layers: _Optional[_Iterable[str]] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
+    float16_scaling: bool
+    def __init__(self, inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., layers: _Optional[_Iterable[str]] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., float16_scaling: _Optional[bool] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
     __slots__ = ("activations",)

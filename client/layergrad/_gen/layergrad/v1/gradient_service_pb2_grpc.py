@@ -147,7 +147,8 @@ class GradientServiceServicer:
 
         A successful call carries a "server-timing" trailer with the server's time
         per phase in milliseconds: "pre;dur=<ms>, compute;dur=<ms>, write;dur=<ms>"
-        (before the forward pass; forward and backward; copying into the region).
+        (before the forward pass; forward and backward; converting to a reduced
+        output type, if asked, and copying into the region).
 
         Errors about the region, all but REGION_RESIZED before any compute, each
         with an ErrorInfo reason and, where a field is at fault, a google.rpc
