@@ -129,6 +129,36 @@ class FakeStream:
         return True
 
 
+class FakeCall:
+    """The finished call of a unary RPC: echoes the request id, reports server timings."""
+
+    def __init__(self, metadata: Any) -> None:
+        self.metadata = dict(metadata or ())
+
+    def initial_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ()
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        request_id = self.metadata.get("x-request-id", "made-by-server")
+        timing = "queue;dur=1.5, compute;dur=250.0, send;dur=2"
+        return (("x-request-id", request_id), ("server-timing", timing))
+
+
+class FakeUnary:
+    """A unary method of the fake stub, callable plainly or ``with_call``."""
+
+    def __init__(self, stub: FakeStub, name: str) -> None:
+        self._stub, self._name = stub, name
+
+    def __call__(self, request: Any, timeout: float | None = None, metadata: Any = None) -> Any:
+        return self._stub._answer(self._name, request, timeout)
+
+    def with_call(
+        self, request: Any, timeout: float | None = None, metadata: Any = None
+    ) -> tuple[Any, FakeCall]:
+        return self(request, timeout), FakeCall(metadata)
+
+
 class FakeStub:
     """Answers the four RPCs with canned replies and records each request."""
 
@@ -140,6 +170,8 @@ class FakeStub:
         self.error = error
         self.requests: list[tuple[str, Any, float | None]] = []
         self.streams: list[FakeStream] = []
+        self.Predict = FakeUnary(self, "Predict")
+        self.ComputeGradients = FakeUnary(self, "ComputeGradients")
 
     def _answer(self, method: str, request: Any, timeout: float | None) -> Any:
         self.requests.append((method, request, timeout))
@@ -150,12 +182,6 @@ class FakeStub:
     def GetModelInfo(self, request: Any, timeout: float | None = None) -> bytes:  # noqa: N802
         """The response as bytes, as the SDK's GetModelInfo method receives it."""
         return self._answer("GetModelInfo", request, timeout).SerializeToString()
-
-    def Predict(self, request: Any, timeout: float | None = None) -> Any:  # noqa: N802
-        return self._answer("Predict", request, timeout)
-
-    def ComputeGradients(self, request: Any, timeout: float | None = None) -> Any:  # noqa: N802
-        return self._answer("ComputeGradients", request, timeout)
 
     def StreamGradients(self, request: Any, timeout: float | None = None) -> FakeStream:  # noqa: N802
         self._answer("StreamGradients", request, timeout)
@@ -796,6 +822,21 @@ def test_unary_gradients_convert_named_tensors_and_loss() -> None:
     np.testing.assert_array_equal(result.input, grad)
     assert result.activations["fc8"].shape == (1, 1000)
     assert result.loss == 3.0 and result.layers == {} and result.parameters == {}
+
+
+def test_unary_results_carry_the_request_id_sent_and_the_server_timings() -> None:
+    response = pb.ComputeGradientsResponse(
+        gradients=[pb.NamedTensor(name="input", kind=INPUT, tensor=to_tensor(np.zeros(1, np.float32)))]
+    )
+    client = fake_client(FakeStub(unary=response))
+    result = client.compute_gradients_unary(prepared(), SumOfSquares(), input=True, request_id="mine-1")
+    assert result.request_id == "mine-1"
+    assert result.timings == {"queue": 0.0015, "compute": 0.25, "send": 0.002}
+    assert (
+        client.compute_gradients_unary(prepared(), SumOfSquares(), input=True).request_id == "made-by-server"
+    )
+    with pytest.raises(ValueError, match="request_id"):
+        client.compute_gradients_unary(prepared(), SumOfSquares(), input=True, request_id="")
 
 
 def test_unary_result_without_loss_has_loss_none() -> None:

@@ -22,6 +22,7 @@ from layergrad.client import (
     ModelInfo,
     ParameterInfo,
     Pattern,
+    Prediction,
     WeightsInfo,
 )
 from layergrad.errors import (
@@ -79,6 +80,7 @@ __all__ = [
     "ParameterInfo",
     "Pattern",
     "PermissionDenied",
+    "Prediction",
     "ResourceExhausted",
     "SoftmaxCrossEntropy",
     "SquaredError",

@@ -54,6 +54,10 @@ class ServerConfig:
     image_limits: ImageLimits = dataclasses.field(default_factory=ImageLimits)
     log_format: str = "text"
     log_level: str = "INFO"
+    # One log line per finished call (see ``observability.access_log``).
+    access_log: bool = True
+    # host:port of the Prometheus /metrics endpoint; "" (the default): no endpoint.
+    metrics_address: str = ""
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None
@@ -250,6 +254,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-format", choices=["text", "json"], default=_env("LOG_FORMAT", defaults.log_format)
     )
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", defaults.log_level))
+    parser.add_argument(
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
+        default=_env("ACCESS_LOG", "1").lower() in ("1", "true", "yes"),
+        help="log one line per finished call on the layergrad_server.access logger (default on)",
+    )
+    parser.add_argument(
+        "--metrics-address",
+        default=_env("METRICS_ADDRESS", defaults.metrics_address),
+        help="host:port to serve Prometheus metrics on, at /metrics (port 0: any free port; "
+        "default: no metrics endpoint); with --workers the supervisor serves all workers' sum",
+    )
     parser.add_argument("--tls-cert", default=_env("TLS_CERT"), help="PEM certificate chain: serve TLS")
     parser.add_argument("--tls-key", default=_env("TLS_KEY"), help="PEM private key of --tls-cert")
     parser.add_argument(
@@ -286,6 +302,19 @@ def listen_address(address: str) -> str:
     if not rest.startswith(":") or not port.isdigit() or int(port) > 65535:
         raise SystemExit(f"layergrad-server: --address {address!r}: expected HOST:PORT with a port 0-65535")
     return f"{host}:{port}"
+
+
+def _metrics_address(address: str) -> str:
+    """``--metrics-address`` checked: "" or ``host:port``; SystemExit if malformed."""
+    if not address:
+        return ""
+    host, colon, port = address.rpartition(":")
+    if not colon or not host or not port.isdigit() or int(port) > 65535:
+        raise SystemExit(
+            f"layergrad-server: --metrics-address {address!r}: expected HOST:PORT with a port 0-65535 "
+            "(for example 127.0.0.1:9464)"
+        )
+    return address
 
 
 def from_args(args: argparse.Namespace) -> ServerConfig:
@@ -342,6 +371,8 @@ def from_args(args: argparse.Namespace) -> ServerConfig:
         ),
         log_format=args.log_format,
         log_level=args.log_level.upper(),
+        access_log=args.access_log,
+        metrics_address=_metrics_address(args.metrics_address),
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,

@@ -23,7 +23,10 @@ from layergrad_server.admission import Admission
 from layergrad_server.auth import TokenStore
 from layergrad_server.config import MIB, ServerConfig
 from layergrad_server.engine import Engine, WeightsSource
-from layergrad_server.handlers import Handlers
+from layergrad_server.handlers import Describe, Handlers
+from layergrad_server.observability import Observer, Observers
+from layergrad_server.observability.access_log import AccessLog
+from layergrad_server.observability.metrics import Metrics, MetricsServer, ResidentMemory, multiprocess
 from layergrad_server.servicer import GradientServicer
 
 if TYPE_CHECKING:
@@ -145,6 +148,7 @@ def load_model(config: ServerConfig, weights: WeightsSource) -> Engine:
     cpu_kernels = apply_cpu_kernels(config.cpu_kernels, model)
     loaded = time.perf_counter()
     model.warm_up()
+    model.load_seconds = time.perf_counter() - started  # type: ignore[attr-defined]
     logger.info(
         "loaded VGG16 weights=%s pretrained=%s file_sha256=%s parameters_sha256=%s cpu_kernels=%s "
         "load=%.2fs warm_up=%.2fs",
@@ -192,7 +196,16 @@ class GradientServer:
         self.admission = Admission(config.compute_slots, config.max_queue)
         self._servicer = GradientServicer(config, self.admission)
         self._health = health_async.HealthServicer()
-        handlers = Handlers(self._executor, self._loop, tokens, f"/{SERVICE_NAME}/", config.stall_seconds)
+        self._tokens = tokens
+        # Metrics are kept when they are served: here, or (a worker of --workers) by the supervisor.
+        serve_metrics = bool(config.metrics_address) and config.worker_index is None
+        self.metrics = Metrics() if serve_metrics or (config.metrics_address and multiprocess()) else None
+        observers: list[Observer] = [AccessLog()] if config.access_log else []
+        if self.metrics is not None:
+            observers.append(self.metrics)
+            self.admission.listener = self.metrics.admission_changed
+        self.observer: Observer = Observers(observers)
+        handlers = self.handlers("layergrad_v1", f"/{SERVICE_NAME}/", self._servicer.describe)
         add_gradient_service(self._servicer, self._server, handlers, self.dispatcher)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
@@ -210,12 +223,36 @@ class GradientServer:
                 "bearer tokens on a plaintext port (%s) travel in clear: serve TLS with --tls-cert/--tls-key",
                 config.address,
             )
+        self.metrics_server: MetricsServer | None = None
+        if serve_metrics and self.metrics is not None:
+            self.metrics.registry.register(ResidentMemory(lambda: {"server": "self"}))
+            try:
+                self.metrics_server = MetricsServer(config.metrics_address, self.metrics.registry)
+            except OSError:
+                self._close_loop()
+                raise
         self._security = (
             "plaintext" if credentials is None else "mutual TLS" if config.tls_client_ca else "TLS"
         ) + ("" if tokens is None else f", {len(tokens)} bearer token(s)")
         self._stopped = threading.Event()
         self._started = False
         self._attached = False
+
+    def handlers(self, protocol: str, service_prefix: str, describe: Describe | None = None) -> Handlers:
+        """The seam through which a protocol's methods are registered: tokens, limits, request
+        ids, timings, access log and metrics (see ``handlers``); ``protocol`` labels them."""
+        return Handlers(
+            self._executor,
+            self._loop,
+            self._tokens,
+            service_prefix,
+            self.config.stall_seconds,
+            protocol=protocol,
+            observer=self.observer,
+            describe=describe,
+            # A worker that takes calls from its siblings: those arrive on its unix socket.
+            sibling_peers=self.dispatcher is not None and self.dispatcher.listen_address is not None,
+        )
 
     async def _make_server(self) -> grpc.aio.Server:
         config = self.config
@@ -274,6 +311,8 @@ class GradientServer:
         self._started = True
         if self._attached and self.dispatcher is not None:
             self.dispatcher.open()
+        if self.metrics_server is not None:
+            logger.info("metrics on http://%s/metrics", self.metrics_server.address)
         logger.info(
             "%s %s (%s; %d compute slot(s), queue %d, %d threads; health NOT_SERVING until "
             "the model is ready)",
@@ -295,6 +334,9 @@ class GradientServer:
     def attach(self, model: Engine) -> None:
         """Serves an already warmed-up model."""
         self._servicer.attach(model)
+        seconds = getattr(model, "load_seconds", None)
+        if self.metrics is not None and seconds is not None:
+            self.metrics.model_loaded(self._servicer.model_name(None), seconds)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._attached = True
         if self._started and self.dispatcher is not None:
@@ -333,6 +375,8 @@ class GradientServer:
         self._on_loop(self._server.stop(linger))
         self._close_loop()
         self._servicer.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         if self.dispatcher is not None:
             self.dispatcher.close()
         if self._table is not None:
