@@ -15,10 +15,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
 
-from layergrad_server import kernels
+from layergrad_server import kernels, reflection
 from layergrad_server.admission import Admission
 from layergrad_server.auth import TokenStore
 from layergrad_server.config import MIB, ServerConfig
@@ -208,9 +207,7 @@ class GradientServer:
         handlers = self.handlers("layergrad_v1", f"/{SERVICE_NAME}/", self._servicer.describe)
         add_gradient_service(self._servicer, self._server, handlers, self.dispatcher)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        reflection.enable_server_reflection(
-            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server
-        )
+        reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME], self._server)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         credentials = server_credentials(config)
         self.port = self._listen(config.address, credentials)
