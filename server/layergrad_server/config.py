@@ -58,6 +58,8 @@ class ServerConfig:
     access_log: bool = True
     # host:port of the Prometheus /metrics endpoint; "" (the default): no endpoint.
     metrics_address: str = ""
+    # OpenTelemetry spans of every call (see ``observability.tracing``).
+    tracing: bool = False
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None
@@ -266,6 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="host:port to serve Prometheus metrics on, at /metrics (port 0: any free port; "
         "default: no metrics endpoint); with --workers the supervisor serves all workers' sum",
     )
+    parser.add_argument(
+        "--tracing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="OpenTelemetry spans of every call (needs the tracing extra); default: on when "
+        "$LAYERGRAD_TRACING is 1 or $OTEL_TRACES_EXPORTER / $OTEL_EXPORTER_OTLP_ENDPOINT ask for traces",
+    )
     parser.add_argument("--tls-cert", default=_env("TLS_CERT"), help="PEM certificate chain: serve TLS")
     parser.add_argument("--tls-key", default=_env("TLS_KEY"), help="PEM private key of --tls-cert")
     parser.add_argument(
@@ -302,6 +311,17 @@ def listen_address(address: str) -> str:
     if not rest.startswith(":") or not port.isdigit() or int(port) > 65535:
         raise SystemExit(f"layergrad-server: --address {address!r}: expected HOST:PORT with a port 0-65535")
     return f"{host}:{port}"
+
+
+def _tracing(flag: bool | None) -> bool:
+    if flag is not None:
+        return flag
+    explicit = _env("TRACING")
+    if explicit is not None:
+        return explicit.lower() in ("1", "true", "yes")
+    from layergrad_server.observability.tracing import tracing_requested
+
+    return tracing_requested()
 
 
 def _metrics_address(address: str) -> str:
@@ -373,6 +393,7 @@ def from_args(args: argparse.Namespace) -> ServerConfig:
         log_level=args.log_level.upper(),
         access_log=args.access_log,
         metrics_address=_metrics_address(args.metrics_address),
+        tracing=_tracing(args.tracing),
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,

@@ -58,6 +58,7 @@ from layergrad_server.observability.context import (
     parse_server_timing,
     valid_request_id,
 )
+from layergrad_server.observability.tracing import TRACE_CONTEXT_KEYS
 from layergrad_server.status import internal_status, reason_of, required_scopes, status_for, with_trailers
 
 logger = logging.getLogger(__name__)
@@ -253,6 +254,11 @@ class Handlers:
             request_id=given if isinstance(given, str) and not bad else new_request_id(),
             peer=peer,
             from_sibling=self._sibling_peers and peer.startswith("unix:"),
+            trace_context={
+                key: value
+                for key, value in context.invocation_metadata() or ()
+                if key in TRACE_CONTEXT_KEYS and isinstance(value, str)
+            },
         )
         return ThreadContext(context, self._loop, record), bad
 

@@ -203,6 +203,9 @@ class GradientServer:
         if self.metrics is not None:
             observers.append(self.metrics)
             self.admission.listener = self.metrics.admission_changed
+        self._tracer_provider: Any = None
+        if config.tracing:
+            observers.append(self._tracing())
         self.observer: Observer = Observers(observers)
         handlers = self.handlers("layergrad_v1", f"/{SERVICE_NAME}/", self._servicer.describe)
         add_gradient_service(self._servicer, self._server, handlers, self.dispatcher)
@@ -234,6 +237,17 @@ class GradientServer:
         self._stopped = threading.Event()
         self._started = False
         self._attached = False
+
+    def _tracing(self) -> Observer:
+        """The spans observer of ``--tracing``, or a no-op one (with a warning) without OpenTelemetry."""
+        try:
+            from layergrad_server.observability.tracing import Tracing, configure_provider
+
+            self._tracer_provider = configure_provider()
+            return Tracing()
+        except ImportError:
+            logger.warning("--tracing: opentelemetry is not installed (pip install '.[tracing]'); no spans")
+            return Observer()
 
     def handlers(self, protocol: str, service_prefix: str, describe: Describe | None = None) -> Handlers:
         """The seam through which a protocol's methods are registered: tokens, limits, request
@@ -374,6 +388,8 @@ class GradientServer:
         self._servicer.close()
         if self.metrics_server is not None:
             self.metrics_server.close()
+        if self._tracer_provider is not None:
+            self._tracer_provider.shutdown()  # sends the spans still buffered
         if self.dispatcher is not None:
             self.dispatcher.close()
         if self._table is not None:

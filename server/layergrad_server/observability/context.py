@@ -104,6 +104,8 @@ class CallRecord:
     relayed: dict[str, float] = dataclasses.field(default_factory=dict)
     #: Whether this call came from a sibling worker (it is counted where it arrived).
     from_sibling: bool = False
+    #: The caller's W3C trace context metadata (``traceparent``, ``tracestate``), if any.
+    trace_context: dict[str, str] = dataclasses.field(default_factory=dict)
     finished: float | None = None
 
     def admitted(self, queue_seconds: float, compute_seconds: float) -> None:
