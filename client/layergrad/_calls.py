@@ -21,7 +21,7 @@ def parse_server_timing(value: object) -> dict[str, float]:
     for entry in value.split(","):
         match = _TIMING_ENTRY.fullmatch(entry)
         if match:
-            timings[match.group(1)] = float(match.group(2)) / 1e3
+            timings[match.group(1)] = round(float(match.group(2)) / 1e3, 7)
     return timings
 
 
