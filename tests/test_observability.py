@@ -15,7 +15,13 @@ from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
 from layergrad._gen.layergrad.v1 import gradient_service_pb2_grpc as pb_grpc
 from layergrad.losses import ClassScore
 from layergrad_server.observability.access_log import LOGGER_NAME, fields, readable
-from layergrad_server.observability.context import CallRecord, parse_server_timing
+from layergrad_server.observability.context import (
+    CallRecord,
+    format_server_timing,
+    new_request_id,
+    parse_server_timing,
+    valid_request_id,
+)
 
 LAB_TOKEN = "obs-lab-secret-7f3a91"
 VIEWER_TOKEN = "obs-viewer-secret-c2d84e"
@@ -282,3 +288,22 @@ def test_the_readable_access_line_names_the_call():
     assert 'targets="input layers:fc7" batch=2 reason=- bytes=10 queue_ms=1.0 compute_ms=500.0' in line
     assert line.endswith("duration_ms=600.0")
     assert np.isclose(fields(record)["duration_ms"], 600.0)
+
+
+def test_request_ids_and_server_timing_values_are_checked_and_read_back():
+    assert valid_request_id("job-17") and valid_request_id("x" * 128)
+    for bad in ("", "x" * 129, "two words", "tab\there", b"bytes", None):
+        assert not valid_request_id(bad)
+    assert re.fullmatch(r"[0-9a-f]{32}", new_request_id()) and new_request_id() != new_request_id()
+    timing = format_server_timing({"queue": 0.0012, "compute": 0.53, "send": 0.0031})
+    assert timing == "queue;dur=1.2, compute;dur=530.0, send;dur=3.1"
+    assert parse_server_timing(timing + ", junk, pre;dur=2") == {
+        "queue": 0.0012,
+        "compute": 0.53,
+        "send": 0.0031,
+        "pre": 0.002,
+    }
+    refused = CallRecord("layergrad_v1", "Predict", "r")
+    assert refused.phases() == {} and refused.phases(all_phases=True) == {"queue": 0, "compute": 0, "send": 0}
+    relayed = CallRecord("layergrad_v1", "Predict", "r", relayed={"queue": 0.1, "compute": 2.0, "send": 0.3})
+    assert relayed.phases() == {"queue": 0.1, "compute": 2.0, "send": 0.3}

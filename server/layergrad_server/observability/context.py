@@ -127,7 +127,7 @@ class CallRecord:
         a phase it never reached (``server-timing``)."""
         queue = self.relayed.get("queue", self.queue_seconds)
         compute = self.relayed.get("compute", self.compute_seconds)
-        found = {"queue": queue, "compute": compute, "send": self.send_seconds}
+        found = {"queue": queue, "compute": compute, "send": self.relayed.get("send", self.send_seconds)}
         if all_phases:
             return {name: seconds or 0.0 for name, seconds in found.items()}
         return {name: seconds for name, seconds in found.items() if seconds is not None}
