@@ -75,7 +75,7 @@ def bad_layer_error() -> FakeRpcError:
         ]
     )
     info = error_details_pb2.ErrorInfo(
-        reason="UNKNOWN_LAYER", domain="layergrad.dev", metadata={"layer": "conv9"}
+        reason="UNKNOWN_LAYER", domain="layergrad.dev", metadata={"layer": "conv9", "request_id": "req-9"}
     )
     return rich_error(grpc.StatusCode.INVALID_ARGUMENT, "unknown layer 'conv9'", bad_request, info)
 
@@ -987,6 +987,7 @@ def test_cli_server_error_prints_code_and_message_and_exits_1(
     err = capsys.readouterr().err
     assert err.startswith("error: INVALID_ARGUMENT: unknown layer 'conv9'")
     assert "targets.layers[0]: unknown layer" in err
+    assert "request id req-9" in err
 
 
 def test_cli_missing_image_is_a_usage_error(cli_stub: FakeStub, tmp_path: pathlib.Path, capsys: Any) -> None:
