@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import io
 import pathlib
+import re
+import urllib.request
 from collections.abc import Iterator
 
 import layergrad_server  # noqa: F401  (applies the numpy 2 shim Chainer needs)
@@ -18,6 +20,7 @@ from chainer.links.model.vision import vgg
 from layergrad_server.engine import random_weights_npz
 from layergrad_server.launch import ServerProcess
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 
 @pytest.fixture(scope="session")
@@ -84,3 +87,27 @@ def prepared_reference(item: object) -> np.ndarray:
     if item.dtype == np.uint8:
         return vgg.prepare(item)
     return item
+
+
+def metrics_url(process: ServerProcess) -> str:
+    """The /metrics URL a server started with ``--metrics-address HOST:0`` logged."""
+    match = re.search(r"metrics on (http://[\d.]+:\d+/metrics)", process.log())
+    assert match, f"the server logged no metrics address:\n{process.log()}"
+    return match.group(1)
+
+
+def scrape(url: str) -> dict[tuple[str, frozenset], float]:
+    """Every sample of a /metrics page: (name, labels) -> value."""
+    with urllib.request.urlopen(url, timeout=30) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def metric_delta(before: dict, after: dict, name: str, **labels: str) -> float:
+    """How much the sample ``name{labels}`` grew between two scrapes."""
+    key = (name, frozenset(labels.items()))
+    return after.get(key, 0.0) - before.get(key, 0.0)

@@ -75,7 +75,7 @@ def bad_layer_error() -> FakeRpcError:
         ]
     )
     info = error_details_pb2.ErrorInfo(
-        reason="UNKNOWN_LAYER", domain="layergrad.dev", metadata={"layer": "conv9"}
+        reason="UNKNOWN_LAYER", domain="layergrad.dev", metadata={"layer": "conv9", "request_id": "req-9"}
     )
     return rich_error(grpc.StatusCode.INVALID_ARGUMENT, "unknown layer 'conv9'", bad_request, info)
 
@@ -129,6 +129,36 @@ class FakeStream:
         return True
 
 
+class FakeCall:
+    """The finished call of a unary RPC: echoes the request id, reports server timings."""
+
+    def __init__(self, metadata: Any) -> None:
+        self.metadata = dict(metadata or ())
+
+    def initial_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ()
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        request_id = self.metadata.get("x-request-id", "made-by-server")
+        timing = "queue;dur=1.5, compute;dur=250.0, send;dur=2"
+        return (("x-request-id", request_id), ("server-timing", timing))
+
+
+class FakeUnary:
+    """A unary method of the fake stub, callable plainly or ``with_call``."""
+
+    def __init__(self, stub: FakeStub, name: str) -> None:
+        self._stub, self._name = stub, name
+
+    def __call__(self, request: Any, timeout: float | None = None, metadata: Any = None) -> Any:
+        return self._stub._answer(self._name, request, timeout)
+
+    def with_call(
+        self, request: Any, timeout: float | None = None, metadata: Any = None
+    ) -> tuple[Any, FakeCall]:
+        return self(request, timeout), FakeCall(metadata)
+
+
 class FakeStub:
     """Answers the four RPCs with canned replies and records each request."""
 
@@ -141,6 +171,8 @@ class FakeStub:
         self.error = error
         self.requests: list[tuple[str, Any, float | None]] = []
         self.streams: list[FakeStream] = []
+        self.Predict = FakeUnary(self, "Predict")
+        self.ComputeGradients = FakeUnary(self, "ComputeGradients")
 
     def _answer(self, method: str, request: Any, timeout: float | None) -> Any:
         self.requests.append((method, request, timeout))
@@ -152,12 +184,6 @@ class FakeStub:
         """The response as bytes, as the SDK's GetModelInfo method receives it."""
         answer = self._answer("GetModelInfo", request, timeout)
         return (answer if self.info is None else self.info).SerializeToString()
-
-    def Predict(self, request: Any, timeout: float | None = None) -> Any:  # noqa: N802
-        return self._answer("Predict", request, timeout)
-
-    def ComputeGradients(self, request: Any, timeout: float | None = None) -> Any:  # noqa: N802
-        return self._answer("ComputeGradients", request, timeout)
 
     def StreamGradients(self, request: Any, timeout: float | None = None) -> FakeStream:  # noqa: N802
         self._answer("StreamGradients", request, timeout)
@@ -847,6 +873,21 @@ def test_unary_gradients_convert_named_tensors_and_loss() -> None:
     assert result.loss == 3.0 and result.layers == {} and result.parameters == {}
 
 
+def test_unary_results_carry_the_request_id_sent_and_the_server_timings() -> None:
+    response = pb.ComputeGradientsResponse(
+        gradients=[pb.NamedTensor(name="input", kind=INPUT, tensor=to_tensor(np.zeros(1, np.float32)))]
+    )
+    client = fake_client(FakeStub(unary=response))
+    result = client.compute_gradients_unary(prepared(), SumOfSquares(), input=True, request_id="mine-1")
+    assert result.request_id == "mine-1"
+    assert result.timings == {"queue": 0.0015, "compute": 0.25, "send": 0.002}
+    assert (
+        client.compute_gradients_unary(prepared(), SumOfSquares(), input=True).request_id == "made-by-server"
+    )
+    with pytest.raises(ValueError, match="request_id"):
+        client.compute_gradients_unary(prepared(), SumOfSquares(), input=True, request_id="")
+
+
 def test_unary_result_without_loss_has_loss_none() -> None:
     response = pb.ComputeGradientsResponse(
         gradients=[pb.NamedTensor(name="input", kind=INPUT, tensor=to_tensor(np.zeros(1, np.float32)))]
@@ -1010,6 +1051,7 @@ def test_cli_server_error_prints_code_and_message_and_exits_1(
     err = capsys.readouterr().err
     assert err.startswith("error: INVALID_ARGUMENT: unknown layer 'conv9'")
     assert "targets.layers[0]: unknown layer" in err
+    assert "request id req-9" in err
 
 
 def test_cli_missing_image_is_a_usage_error(cli_stub: FakeStub, tmp_path: pathlib.Path, capsys: Any) -> None:

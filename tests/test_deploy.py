@@ -320,7 +320,12 @@ def manifest_server(weights_file: Path, tmp_path_factory: pytest.TempPathFactory
     """A real server started with the Deployment's args (random weights, a free loopback port)."""
     container = one(kubernetes_objects(KUBERNETES), "Deployment")["spec"]["template"]["spec"]["containers"][0]
     args = command_line(container)[1:]
-    for flag, value in (("--address", "127.0.0.1:0"), ("--weights", str(weights_file))):
+    local = (
+        ("--address", "127.0.0.1:0"),
+        ("--weights", str(weights_file)),
+        ("--metrics-address", "127.0.0.1:0"),
+    )
+    for flag, value in local:
         args[args.index(flag) + 1] = value
     log = tmp_path_factory.mktemp("deploy") / "server.log"
     with ServerProcess(args, log) as server:

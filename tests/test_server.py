@@ -12,9 +12,11 @@ import layergrad
 import numpy as np
 import pytest
 from conftest import encode, make_rgb
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from layergrad_server.launch import ServerProcess
+from layergrad_server.reflection import v1_descriptor
 
 LAYERS = [
     "conv1_1", "conv1_2", "pool1", "conv2_1", "conv2_2", "pool2", "conv3_1", "conv3_2", "conv3_3",
@@ -66,6 +68,49 @@ def test_reflection_lists_the_gradient_service(server):
         )
         names = [s.name for s in next(responses).list_services_response.service]
     assert "layergrad.v1.GradientService" in names and "grpc.health.v1.Health" in names
+
+
+def test_reflection_v1_lists_and_describes_the_services(server):
+    """Reflection ``grpc.reflection.v1``, with ``v1`` messages (tools try it before v1alpha)."""
+    pool = descriptor_pool.Default()
+    v1_descriptor(pool)
+    request_class = message_factory.GetMessageClass(
+        pool.FindMessageTypeByName("grpc.reflection.v1.ServerReflectionRequest")
+    )
+    response_class = message_factory.GetMessageClass(
+        pool.FindMessageTypeByName("grpc.reflection.v1.ServerReflectionResponse")
+    )
+    with grpc.insecure_channel(server.address) as channel:
+        info = channel.stream_stream(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            request_serializer=request_class.SerializeToString,
+            response_deserializer=response_class.FromString,
+        )
+        asked = [
+            request_class(list_services=""),
+            request_class(file_containing_symbol="layergrad.v1.GradientService"),
+            request_class(file_containing_symbol="grpc.reflection.v1.ServerReflection"),
+            request_class(file_containing_symbol="layergrad.v1.NoSuchService"),
+        ]
+        listed, gradient, itself, missing = list(info(iter(asked), timeout=30))
+    names = [s.name for s in listed.list_services_response.service]
+    assert {"layergrad.v1.GradientService", "grpc.health.v1.Health"} <= set(names)
+    assert {"grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"} <= set(names)
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(raw)
+        for raw in gradient.file_descriptor_response.file_descriptor_proto
+    ]
+    assert any(
+        f.package == "layergrad.v1" and [s.name for s in f.service] == ["GradientService"] for f in files
+    )
+    described = descriptor_pb2.FileDescriptorProto.FromString(
+        itself.file_descriptor_response.file_descriptor_proto[0]
+    )
+    assert (
+        described.package == "grpc.reflection.v1"
+        and described.service[0].method[0].name == "ServerReflectionInfo"
+    )
+    assert missing.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
 
 
 def test_cli_grad_writes_npz_and_prints_a_summary(server, tmp_path):

@@ -253,7 +253,13 @@ def test_the_response_points_into_the_region_and_reports_server_timing(stub):
         assert all(t.offset % shm.ALIGNMENT == 0 for t in response.tensors)
         assert response.tensors[1].offset == 3 * 224 * 224 * 4
         timing = dict(call.trailing_metadata())["server-timing"]
-        assert [part.split(";")[0] for part in timing.split(", ")] == ["pre", "compute", "write"]
+        assert [part.split(";")[0] for part in timing.split(", ")] == [
+            "queue",
+            "compute",
+            "send",
+            "pre",
+            "write",
+        ]
         assert region.read(response, copy=True)[1].array.shape == (1000,)
     finally:
         region.destroy()

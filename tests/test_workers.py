@@ -16,7 +16,7 @@ import grpc
 import layergrad
 import numpy as np
 import pytest
-from conftest import make_rgb, serving
+from conftest import make_rgb, metric_delta, metrics_url, scrape, serving
 from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
 from layergrad_server import config as config_module
 from layergrad_server import workers as workers_module
@@ -137,6 +137,7 @@ def worker_pid(server: ServerProcess, index: int) -> int:
 def worker_server(weights_file, tmp_path_factory):
     log = tmp_path_factory.mktemp("workers") / "server.log"
     flags = ["--workers", "2", "--blas-threads", "1", "--max-queue", "1", "--grace", "60"]
+    flags += ["--metrics-address", "127.0.0.1:0"]
     process = ServerProcess(["--weights", str(weights_file), *flags], log)
     try:
         process.wait_serving()
@@ -360,6 +361,50 @@ def test_connections_that_all_landed_on_one_worker_still_get_both_workers_comput
     finally:
         for connection in connections:
             connection.close()
+
+
+def test_one_scrape_adds_up_the_calls_of_both_workers_and_counts_handed_on_calls_once(worker_server):
+    """GetModelInfo over fresh connections until both workers answered some, a refused call, and
+    two compute calls at once on one connection (the second handed on): the supervisor's /metrics
+    counts each exactly once."""
+    url = metrics_url(worker_server)
+    before = scrape(url)
+    answered = []
+    for _ in range(200):
+        raw = Raw(worker_server.address)
+        try:
+            answered.append(raw.worker())
+        finally:
+            raw.close()
+        if len(answered) >= 4 and {0, 1} <= set(answered):
+            break
+    assert {0, 1} <= set(answered)
+    with grpc.insecure_channel(worker_server.address, options=CHANNEL_OPTIONS) as channel:
+        info = channel.unary_unary(
+            SERVICE + "GetModelInfo", request_serializer=pb.GetModelInfoRequest.SerializeToString
+        )
+        with pytest.raises(grpc.RpcError) as refused:
+            info(pb.GetModelInfoRequest(), metadata=(("x-request-id", "has space"),), timeout=30)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    one = Raw(worker_server.address)
+    try:
+        with futures.ThreadPoolExecutor(2) as pool:
+            computed = list(pool.map(lambda seed: one.compute(input_gradient_request(seed))[1], (5, 6)))
+    finally:
+        one.close()
+    after = scrape(url)
+    v1 = {"protocol": "layergrad_v1", "model": "vgg16", "pattern": ""}
+    total = "layergrad_requests_total"
+    assert metric_delta(before, after, total, **v1, method="GetModelInfo", code="OK") == len(answered)
+    invalid = {"protocol": "layergrad_v1", "model": "", "pattern": "", "code": "INVALID_ARGUMENT"}
+    assert metric_delta(before, after, total, **invalid, method="GetModelInfo") == 1
+    grad = {"protocol": "layergrad_v1", "model": "vgg16", "pattern": "grad", "code": "OK"}
+    assert metric_delta(before, after, total, **grad, method="ComputeGradients") == 2, computed
+    compute = {"protocol": "layergrad_v1", "model": "vgg16", "phase": "compute", "method": "ComputeGradients"}
+    assert metric_delta(before, after, "layergrad_request_phase_seconds_count", **compute) == 2
+    assert after[("layergrad_calls_in_flight", frozenset({("protocol", "layergrad_v1")}))] == 0
+    memory = {dict(labels)["process"] for name, labels in after if name == "layergrad_resident_memory_bytes"}
+    assert memory == {"supervisor", "worker-0", "worker-1"}
 
 
 def test_a_handed_on_call_keeps_its_deadline_and_the_siblings_refusal_reaches_the_caller(worker_server):

@@ -23,6 +23,7 @@ from layergrad.client import (
     ModelStatus,
     ParameterInfo,
     Pattern,
+    Prediction,
     TopClass,
     WeightsInfo,
 )
@@ -82,6 +83,7 @@ __all__ = [
     "ParameterInfo",
     "Pattern",
     "PermissionDenied",
+    "Prediction",
     "ResourceExhausted",
     "SoftmaxCrossEntropy",
     "SquaredError",

@@ -18,6 +18,7 @@ ComputeGradients call.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
@@ -28,6 +29,7 @@ import grpc.aio
 import numpy as np
 
 from layergrad import _batching, _channel
+from layergrad._calls import call_info_async, request_metadata
 from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
 from layergrad._gen.layergrad.v1 import gradient_service_pb2_grpc as pb_grpc
 from layergrad._inputs import Images, to_inputs
@@ -40,6 +42,7 @@ from layergrad.client import (
     Names,
     OutputDType,
     Pattern,
+    Prediction,
     _ChannelSettings,
     _gradient_result,
     _gradients_request,
@@ -52,6 +55,7 @@ from layergrad.client import (
     _out_mapping,
     _output_dtype,
     _remaining,
+    _summed,
 )
 from layergrad.errors import ClientClosedError, InvalidArgument, Unavailable, from_grpc_error
 from layergrad.losses import Loss
@@ -198,7 +202,8 @@ class Client:
         progress: Progress | None = None,
         model: str | None = None,
         model_version: str | None = None,
-    ) -> dict[str, np.ndarray]:
+        request_id: str | None = None,
+    ) -> Prediction:
         """The outputs of ``layers`` for ``images``; see :meth:`layergrad.Client.predict`."""
         name, version = self._model_of(model, model_version)
         request = pb.PredictRequest(
@@ -210,11 +215,14 @@ class Client:
             float16_scaling=True,
         )
 
-        async def run(part: pb.PredictRequest) -> dict[str, np.ndarray]:
-            response = await self._invoke(
-                lambda kwargs: self._stub.Predict(part, **kwargs), timeout, wait_for_ready
-            )
-            return {named.name: result_from_tensor(named.tensor) for named in response.activations}
+        async def run(part: pb.PredictRequest) -> Prediction:
+            async def predict(kwargs: dict[str, Any]) -> Prediction:
+                call = self._stub.Predict(part, **kwargs)
+                response = await call
+                outputs = {named.name: result_from_tensor(named.tensor) for named in response.activations}
+                return Prediction(outputs, *await call_info_async(call))
+
+            return await self._invoke(predict, timeout, wait_for_ready, request_id)
 
         batch = len(request.inputs)
         whole, limit = await self._whole_or_limit(batch, lambda: run(request), timeout)
@@ -235,7 +243,9 @@ class Client:
             parts.append(await run(part))
             if progress is not None:
                 progress(stop, batch)
-        return _batching.join_predictions(parts)
+        return Prediction(
+            _batching.join_predictions(parts), parts[-1].request_id, _summed([p.timings for p in parts])
+        )
 
     async def gradients(
         self,
@@ -255,6 +265,7 @@ class Client:
         model: str | None = None,
         model_version: str | None = None,
         progress: Progress | None = None,
+        request_id: str | None = None,
     ) -> GradientResult:
         """The requested gradients of ``loss``, streamed; see :meth:`layergrad.Client.gradients`.
 
@@ -280,18 +291,22 @@ class Client:
         async def run(part: pb.StreamGradientsRequest, part_out: GradientResult | None) -> GradientResult:
             provided = _out_arrays(part_out)
 
-            async def stream_into_arrays(kwargs: dict[str, Any]) -> _ChunkAssembler:
+            async def stream_into_arrays(kwargs: dict[str, Any]) -> tuple[_ChunkAssembler, Any]:
                 call = self._stream_gradients(part, **kwargs)
                 try:
                     assembler = _ChunkAssembler(provided)
                     async for chunk in call:
                         assembler.add(chunk)
+                    info = await call_info_async(call)
                 finally:
                     call.cancel()  # no-op once the stream has ended
-                return assembler
+                return assembler, info
 
-            assembler = await self._invoke(stream_into_arrays, timeout, wait_for_ready)
-            return _gradient_result(assembler.finish(), assembler.loss)
+            assembler, (rid, timings) = await self._invoke(
+                stream_into_arrays, timeout, wait_for_ready, request_id
+            )
+            result = _gradient_result(assembler.finish(), assembler.loss)
+            return dataclasses.replace(result, request_id=rid, timings=timings)
 
         batch = len(request.inputs)
         whole, limit = await self._whole_or_limit(batch, lambda: run(request, out), timeout)
@@ -300,11 +315,16 @@ class Client:
                 progress(batch, batch)
             return whole
         join = _batching.GradientJoin(batch, loss._reduction, out)
+        results = []
         for start, stop, part in _batching.sub_requests(request, loss, limit):
-            join.add(await run(part, None), start, stop)
+            result = await run(part, None)
+            join.add(result, start, stop)
+            results.append((result.request_id, result.timings))
             if progress is not None:
                 progress(stop, batch)
-        return join.finish()
+        return dataclasses.replace(
+            join.finish(), request_id=results[-1][0], timings=_summed([timings for _, timings in results])
+        )
 
     async def input_gradient(
         self,
@@ -399,7 +419,11 @@ class Client:
         return self.timeout if timeout is None else timeout
 
     async def _invoke(
-        self, call: Callable[[dict[str, Any]], Awaitable[_T]], timeout: float | None, wait: bool | None
+        self,
+        call: Callable[[dict[str, Any]], Awaitable[_T]],
+        timeout: float | None,
+        wait: bool | None,
+        request_id: str | None = None,
     ) -> _T:
         """As ``layergrad.Client._invoke``: one call, typed errors, waiting for a server still loading."""
         self._check_open()
@@ -407,7 +431,7 @@ class Client:
         total = self._timeout(timeout)
         deadline = None if total is None else time.monotonic() + total
         while True:
-            kwargs: dict[str, Any] = {"timeout": _remaining(deadline)}
+            kwargs: dict[str, Any] = {"timeout": _remaining(deadline), **request_metadata(request_id)}
             if wait:
                 kwargs["wait_for_ready"] = True
             try:

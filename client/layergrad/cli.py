@@ -105,6 +105,10 @@ def _print_server_error(exc: LayergradError) -> None:
     for field, description in exc.field_violations:
         note = f"in {field}" if description == exc.message else f"{field}: {description}"
         print(f"  {note}", file=sys.stderr)
+    if exc.request_id:
+        print(
+            f"  request id {exc.request_id} (the server's access log names the call by it)", file=sys.stderr
+        )
 
 
 def _parser() -> argparse.ArgumentParser:

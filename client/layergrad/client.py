@@ -64,6 +64,7 @@ import numpy as np
 import numpy.typing as npt
 
 from layergrad import _batching, _channel
+from layergrad._calls import call_info, request_metadata
 from layergrad._channel import DEFAULT_PORT, SERVICE_NAME
 from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
 from layergrad._gen.layergrad.v1 import gradient_service_pb2_grpc as pb_grpc
@@ -97,6 +98,7 @@ __all__ = [
     "ModelInfo",
     "ParameterInfo",
     "Pattern",
+    "Prediction",
     "WeightsInfo",
 ]
 
@@ -322,6 +324,10 @@ class GradientResult:
         activations: forward outputs of the requested layers, by layer name.
         loss: the loss value, or None for an UpstreamGradient loss.
         links: gradients with respect to link outputs, by link path (``"res4/b5"``).
+        request_id: the call's request id (``x-request-id``: the one passed to the call, or
+            the server's); for a batch split into several calls, the last call's.
+        timings: seconds the server spent in each phase (``queue``, ``compute``, ``send``,
+            from its ``server-timing`` trailer); summed over the calls of a split batch.
     """
 
     input: np.ndarray | None = None
@@ -330,6 +336,8 @@ class GradientResult:
     activations: dict[str, np.ndarray] = field(default_factory=dict)
     loss: float | None = None
     links: dict[str, np.ndarray] = field(default_factory=dict)
+    request_id: str | None = field(default=None, compare=False)
+    timings: dict[str, float] = field(default_factory=dict, compare=False)
 
     def as_dict(self) -> dict[str, np.ndarray]:
         """Every tensor under one flat key, for ``np.savez``.
@@ -345,6 +353,32 @@ class GradientResult:
         flat.update({f"param/{name}": array for name, array in self.parameters.items()})
         flat.update({f"activation/{name}": array for name, array in self.activations.items()})
         return flat
+
+
+class Prediction(dict[str, np.ndarray]):
+    """What :meth:`Client.predict` returns: the outputs by layer name (a ``dict``), with the
+    call's ``request_id`` and the server's ``timings`` (see :class:`GradientResult`)."""
+
+    request_id: str | None = None
+    timings: dict[str, float]
+
+    def __init__(
+        self,
+        outputs: Mapping[str, np.ndarray],
+        request_id: str | None = None,
+        timings: Mapping[str, float] | None = None,
+    ) -> None:
+        super().__init__(outputs)
+        self.request_id = request_id
+        self.timings = dict(timings or {})
+
+
+def _summed(timings: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for one in timings:
+        for phase, seconds in one.items():
+            total[phase] = total.get(phase, 0.0) + seconds
+    return total
 
 
 class Client:
@@ -556,12 +590,15 @@ class Client:
         progress: Callable[[int, int], None] | None = None,
         model: str | None = None,
         model_version: str | None = None,
-    ) -> dict[str, np.ndarray]:
+        request_id: str | None = None,
+    ) -> Prediction:
         """Runs the forward pass and returns the outputs of ``layers``, each ``[batch] + layer shape``.
 
         ``wait_for_ready``: wait for a server not ready yet; a batch larger than the
         server takes is split into several calls, their outputs concatenated, with
-        ``progress`` called after each (see :meth:`gradients`).
+        ``progress`` called after each (see :meth:`gradients`). ``request_id``: the call's
+        ``x-request-id`` (the server makes one if None); the result is a dict of the
+        outputs with the ``request_id`` and server ``timings`` of the call.
         """
         name, version = self._model_of(model, model_version)
         request = pb.PredictRequest(
@@ -573,11 +610,15 @@ class Client:
             float16_scaling=True,
         )
 
-        def run(part: pb.PredictRequest) -> dict[str, np.ndarray]:
-            response = self._invoke(
-                lambda kwargs: self._stub.Predict(part, **kwargs), timeout, wait_for_ready
+        def run(part: pb.PredictRequest) -> Prediction:
+            response, call = self._invoke(
+                lambda kwargs: self._stub.Predict.with_call(part, **kwargs),
+                timeout,
+                wait_for_ready,
+                request_id,
             )
-            return {named.name: result_from_tensor(named.tensor) for named in response.activations}
+            outputs = {named.name: result_from_tensor(named.tensor) for named in response.activations}
+            return Prediction(outputs, *call_info(call))
 
         batch = len(request.inputs)
         whole, limit = self._whole_or_limit(lambda: run(request), batch, progress, timeout)
@@ -596,7 +637,9 @@ class Client:
             parts.append(run(part))
             if progress is not None:
                 progress(stop, batch)
-        return _batching.join_predictions(parts)
+        return Prediction(
+            _batching.join_predictions(parts), parts[-1].request_id, _summed([p.timings for p in parts])
+        )
 
     def top_classes(
         self,
@@ -656,6 +699,7 @@ class Client:
         model: str | None = None,
         model_version: str | None = None,
         progress: Callable[[int, int], None] | None = None,
+        request_id: str | None = None,
     ) -> GradientResult:
         """Computes the requested gradients of ``loss``, streamed so any size works.
 
@@ -711,6 +755,9 @@ class Client:
                 after gRPC's few retries.
             progress: called as ``progress(inputs_done, inputs_total)`` after each call
                 to the server (once, or once per sub-batch; see below).
+            request_id: sent as the call's ``x-request-id`` metadata, to find the call in the
+                server's access log (every sub-batch's call gets it); None: the server makes
+                one. The result's ``request_id`` and ``timings`` say what the server reported.
 
         Batches larger than the server takes (``ModelInfo.max_batch_size``) are split
         into consecutive sub-batches, one call each (``timeout`` applies to each), and
@@ -755,8 +802,8 @@ class Client:
 
         def run(part: Any, part_out: GradientResult | None) -> GradientResult:
             if shared_memory:
-                return self._export_gradients(part, timeout, copy, wait_for_ready)
-            return self._stream_gradients(part, part_out, timeout, wait_for_ready)
+                return self._export_gradients(part, timeout, copy, wait_for_ready, request_id)
+            return self._stream_gradients(part, part_out, timeout, wait_for_ready, request_id)
 
         return self._batched_gradients(request, loss, run, out, progress, timeout)
 
@@ -775,11 +822,16 @@ class Client:
         if limit is None:
             return whole
         join = _batching.GradientJoin(batch, loss._reduction, out)
+        results = []
         for start, stop, part in _batching.sub_requests(request, loss, limit):
-            join.add(run(part, None), start, stop)
+            result = run(part, None)
+            join.add(result, start, stop)
+            results.append((result.request_id, result.timings))
             if progress is not None:
                 progress(stop, batch)
-        return join.finish()
+        return dataclasses.replace(
+            join.finish(), request_id=results[-1][0], timings=_summed([timings for _, timings in results])
+        )
 
     def _whole_or_limit(
         self,
@@ -818,6 +870,7 @@ class Client:
         out: GradientResult | None,
         timeout: float | None,
         wait_for_ready: bool | None,
+        request_id: str | None = None,
     ) -> GradientResult:
         """One StreamGradients call, its chunks written into ``out``'s or new arrays."""
         provided = _out_arrays(out)
@@ -825,7 +878,7 @@ class Client:
         with self._layouts_lock:
             layout = self._layouts.get(key)
 
-        def stream_into_arrays(kwargs: dict[str, Any]) -> _ChunkAssembler:
+        def stream_into_arrays(kwargs: dict[str, Any]) -> tuple[_ChunkAssembler, Any]:
             stream = self._stub.StreamGradients(request, **kwargs)
             try:
                 prepared = _prepare_arrays(layout, provided) if layout else None
@@ -834,12 +887,12 @@ class Client:
                     assembler.add(chunk)
             finally:
                 stream.cancel()  # no-op once the stream has ended; frees it on a local error
-            return assembler
+            return assembler, stream
 
-        assembler = self._invoke(stream_into_arrays, timeout, wait_for_ready)
+        assembler, stream = self._invoke(stream_into_arrays, timeout, wait_for_ready, request_id)
         tensors = assembler.finish()
         self._remember_layout(key, tensors)
-        return _gradient_result(tensors, assembler.loss)
+        return _gradient_result(tensors, assembler.loss, stream)
 
     def _remember_layout(self, key: tuple[Any, ...], tensors: Sequence[AssembledTensor]) -> None:
         """Keeps the layout of a streamed result for later calls with the same targets."""
@@ -851,7 +904,12 @@ class Client:
                 self._layouts.popitem(last=False)
 
     def _export_gradients(
-        self, request: pb.ExportGradientsRequest, timeout: float | None, copy: bool, wait: bool | None
+        self,
+        request: pb.ExportGradientsRequest,
+        timeout: float | None,
+        copy: bool,
+        wait: bool | None,
+        request_id: str | None = None,
     ) -> GradientResult:
         """``gradients(shared_memory=True)``: ExportGradients into a region of this Client's pool.
 
@@ -869,8 +927,11 @@ class Client:
                 request.region.CopyFrom(region.to_proto())
                 remaining = _remaining(deadline)
                 try:
-                    response = self._invoke(
-                        lambda kwargs: self._stub.ExportGradients(request, **kwargs), remaining, wait
+                    response, call = self._invoke(
+                        lambda kwargs: self._stub.ExportGradients.with_call(request, **kwargs),
+                        remaining,
+                        wait,
+                        request_id,
                     )
                     break
                 except (InvalidArgument, NotFound) as exc:
@@ -887,7 +948,7 @@ class Client:
                 raise
         finally:
             self._regions.release(region)
-        return _gradient_result(tensors, response.loss if response.HasField("loss") else None)
+        return _gradient_result(tensors, response.loss if response.HasField("loss") else None, call)
 
     def compute_gradients_unary(
         self,
@@ -906,6 +967,7 @@ class Client:
         model: str | None = None,
         model_version: str | None = None,
         progress: Callable[[int, int], None] | None = None,
+        request_id: str | None = None,
     ) -> GradientResult:
         """Same as :meth:`gradients` through the unary ComputeGradients RPC.
 
@@ -927,14 +989,17 @@ class Client:
         )
 
         def run(part: pb.ComputeGradientsRequest, _out: GradientResult | None) -> GradientResult:
-            response = self._invoke(
-                lambda kwargs: self._stub.ComputeGradients(part, **kwargs), timeout, wait_for_ready
+            response, call = self._invoke(
+                lambda kwargs: self._stub.ComputeGradients.with_call(part, **kwargs),
+                timeout,
+                wait_for_ready,
+                request_id,
             )
             tensors = [
                 AssembledTensor(named.name, named.kind, result_from_tensor(named.tensor))
                 for named in [*response.gradients, *response.activations]
             ]
-            return _gradient_result(tensors, response.loss if response.HasField("loss") else None)
+            return _gradient_result(tensors, response.loss if response.HasField("loss") else None, call)
 
         return self._batched_gradients(request, loss, run, None, progress, timeout)
 
@@ -1044,8 +1109,15 @@ class Client:
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
 
-    def _invoke(self, call: Callable[[dict[str, Any]], _T], timeout: float | None, wait: bool | None) -> _T:
-        """``call(kwargs)``, a stub call given ``kwargs`` (its timeout and wait_for_ready), as one call.
+    def _invoke(
+        self,
+        call: Callable[[dict[str, Any]], _T],
+        timeout: float | None,
+        wait: bool | None,
+        request_id: str | None = None,
+    ) -> _T:
+        """``call(kwargs)``, a stub call given ``kwargs`` (its timeout, wait_for_ready and the
+        metadata carrying ``request_id``), as one call.
 
         Errors become typed ones. When waiting, a refusal because the server is not
         ready yet is followed by waiting for its health to be SERVING and calling
@@ -1053,14 +1125,15 @@ class Client:
         """
         wait = self._wait_default if wait is None else wait
         total = self._timeout(timeout)
+        metadata = request_metadata(request_id)
         if not wait:
             with self._rpc():
-                return call({"timeout": total})
+                return call({"timeout": total, **metadata})
         deadline = None if total is None else time.monotonic() + total
         while True:
             try:
                 with self._rpc():
-                    return call({"timeout": _remaining(deadline), "wait_for_ready": True})
+                    return call({"timeout": _remaining(deadline), "wait_for_ready": True, **metadata})
             except Unavailable as exc:
                 if exc.reason not in _WAIT_REASONS:
                     raise
@@ -1340,7 +1413,11 @@ def _prepare_arrays(
     return prepared
 
 
-def _gradient_result(tensors: Sequence[AssembledTensor], loss: float | None) -> GradientResult:
+def _gradient_result(
+    tensors: Sequence[AssembledTensor], loss: float | None, call: Any = None
+) -> GradientResult:
+    """The result of ``tensors``, with the request id and timings of the finished ``call``."""
+    request_id, timings = call_info(call) if call is not None else (None, {})
     input_gradient = None
     groups: dict[int, dict[str, np.ndarray]] = {
         pb.TENSOR_KIND_LAYER_GRADIENT: {},
@@ -1362,6 +1439,8 @@ def _gradient_result(tensors: Sequence[AssembledTensor], loss: float | None) -> 
         activations=groups[pb.TENSOR_KIND_ACTIVATION],
         loss=loss,
         links=groups[pb.TENSOR_KIND_LINK_GRADIENT],
+        request_id=request_id,
+        timings=timings,
     )
 
 

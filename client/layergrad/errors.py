@@ -3,7 +3,8 @@
 Every failed call raises a subclass of :class:`LayergradError`, chosen by the
 gRPC status code the server (or the gRPC runtime) returned::
 
-    LayergradError                  base: .code, .message, .details, .reason, .field_violations
+    LayergradError                  base: .code, .message, .details, .reason, .field_violations,
+                                          .request_id, .timings
     ├── Cancelled                   CANCELLED
     ├── Unknown                     UNKNOWN
     ├── InvalidArgument             INVALID_ARGUMENT    bad input, loss, layer or parameter name
@@ -43,6 +44,8 @@ from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
+from layergrad._calls import call_info
 
 __all__ = [
     "Aborted",
@@ -96,6 +99,11 @@ class LayergradError(Exception):
         details: the decoded ``google.rpc`` detail messages, for example
             ``error_details_pb2.BadRequest`` and ``error_details_pb2.ErrorInfo``;
             a detail of an unknown type is kept as a ``google.protobuf.Any``.
+        request_id: the call's request id (the server's ``x-request-id``: the caller's own, or
+            the one the server made), to find the call in the server's access log; None if
+            the call never reached a layergrad server.
+        timings: seconds the call spent in each phase on the server (``queue``, ``compute``,
+            ``send``; the ``server-timing`` trailer), empty if the server sent none.
     """
 
     grpc_status_code: ClassVar[grpc.StatusCode | None] = None
@@ -113,6 +121,8 @@ class LayergradError(Exception):
         self.details: list[Message] = list(details)
         self.code: grpc.StatusCode | None = code if code is not None else self.grpc_status_code
         self.response = response
+        self.request_id: str | None = None
+        self.timings: dict[str, float] = {}
 
     def __str__(self) -> str:
         if self.code is None:
@@ -299,7 +309,12 @@ def from_grpc_error(rpc_error: grpc.RpcError) -> LayergradError:
     code = rpc_error.code()
     message = rpc_error.details() or ""
     details = _decode_details(_rich_status(rpc_error))
-    return exception_class_for_code(code)(message, details=details, code=code, response=rpc_error)
+    error = exception_class_for_code(code)(message, details=details, code=code, response=rpc_error)
+    error.request_id, error.timings = call_info(rpc_error)
+    info = error.error_info
+    if error.request_id is None and info is not None and info.metadata.get("request_id"):
+        error.request_id = info.metadata["request_id"]
+    return error
 
 
 def _rich_status(call: Any) -> status_pb2.Status | None:

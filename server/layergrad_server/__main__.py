@@ -28,6 +28,7 @@ SERVER_MODULES = {
     "chainer": "chainer",
     "grpc_health": "grpcio-health-checking",
     "grpc_reflection": "grpcio-reflection",
+    "prometheus_client": "prometheus-client",
     "threadpoolctl": "threadpoolctl",
 }
 
@@ -55,8 +56,12 @@ class _JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
         }
+        access = getattr(record, "access", None)
+        if isinstance(access, dict):  # an access log line: its fields, not its text
+            entry.update(access)
+        else:
+            entry["message"] = record.getMessage()
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)
@@ -87,7 +92,10 @@ def supervise(config: config_module.ServerConfig, argv: list[str]) -> int:
     try:
         supervisor = Supervisor(config, argv)
     except OSError as error:
-        logger.error("cannot listen on %s: %s", config.address, error)
+        if str(error).startswith("could not serve metrics"):
+            logger.error("cannot start: %s", error)
+        else:
+            logger.error("cannot listen on %s: %s", config.address, error)
         return 2
 
     def request_stop(signum: int, frame: object) -> None:

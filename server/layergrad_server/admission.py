@@ -69,6 +69,12 @@ class Admission:
         self._running = 0
         self._averages: collections.OrderedDict[str, _Average] = collections.OrderedDict()
         self._drain_deadline: float | None = None
+        # Called as listener(queued, computing), under the lock, whenever either changes.
+        self.listener: Callable[[int, int], object] | None = None
+
+    def _changed(self) -> None:
+        if self.listener is not None:
+            self.listener(len(self._queue), self._running)
 
     # ---- estimates -------------------------------------------------------------
 
@@ -110,10 +116,19 @@ class Admission:
 
     @contextmanager
     def enter(
-        self, kind: str, batch: int, deadline: float | None, is_active: Callable[[], bool]
+        self,
+        kind: str,
+        batch: int,
+        deadline: float | None,
+        is_active: Callable[[], bool],
+        on_computed: Callable[[float, float], object] | None = None,
     ) -> Iterator[AdmittedCall]:
-        """Admits a call or refuses it at once (Overloaded, DeadlineExceeded, Unavailable)."""
+        """Admits a call or refuses it at once (Overloaded, DeadlineExceeded, Unavailable).
+
+        ``on_computed(queue_seconds, compute_seconds)`` is called when the call's compute
+        block ends (however it ends): seconds from ``enter`` until it had a slot, and in it."""
         call = AdmittedCall(self, kind, batch, deadline, is_active, self.estimate(kind, batch))
+        call.on_computed = on_computed
         with self._lock:
             if self._drain_deadline is not None:
                 raise Unavailable(
@@ -141,6 +156,7 @@ class Admission:
                 if call in self._queue:
                     self._queue.remove(call)
                 self._admitted.remove(call)
+                self._changed()
                 self._lock.notify_all()
 
     def drain(self, deadline: float) -> None:
@@ -184,6 +200,7 @@ class Admission:
         """Waits for a slot in arrival order, checking the caller and deadlines while queued."""
         with self._lock:
             self._queue.append(call)
+            self._changed()
             try:
                 while True:
                     call.checkpoint()
@@ -201,11 +218,13 @@ class Admission:
                         self._running += 1
                         call.running = True
                         call.started = self._clock()
+                        self._changed()
                         return
                     self._lock.wait(POLL_SECONDS)
             except BaseException:
                 if call in self._queue:
                     self._queue.remove(call)
+                    self._changed()
                     self._lock.notify_all()
                 raise
 
@@ -231,6 +250,8 @@ class AdmittedCall:
         self.running = False
         self.computed = False
         self.started: float | None = None
+        self.entered = admission._clock()
+        self.on_computed: Callable[[float, float], object] | None = None
         # While draining: whether the call can finish by the drain deadline (None: not judged).
         self.fits_drain: bool | None = None
 
@@ -260,16 +281,24 @@ class AdmittedCall:
     @contextmanager
     def computing(self) -> Iterator[None]:
         """Holds a compute slot for the block; its duration feeds the estimates when it succeeds."""
-        self._admission._acquire(self)
+        try:
+            self._admission._acquire(self)
+        except BaseException:
+            if self.on_computed is not None:
+                self.on_computed(self._admission._clock() - self.entered, 0.0)
+            raise
         started = self._admission._clock()
         try:
             yield
         finally:
             admission = self._admission
+            if self.on_computed is not None:
+                self.on_computed(started - self.entered, admission._clock() - started)
             with admission._lock:
                 self.computed = True
                 if self.running:
                     self.running = False
                     admission._running -= 1
+                    admission._changed()
                     admission._lock.notify_all()
         admission.record(self.kind, self.batch, admission._clock() - started)

@@ -64,6 +64,12 @@ class ServerConfig:
     image_limits: ImageLimits = dataclasses.field(default_factory=ImageLimits)
     log_format: str = "text"
     log_level: str = "INFO"
+    # One log line per finished call (see ``observability.access_log``).
+    access_log: bool = True
+    # host:port of the Prometheus /metrics endpoint; "" (the default): no endpoint.
+    metrics_address: str = ""
+    # OpenTelemetry spans of every call (see ``observability.tracing``).
+    tracing: bool = False
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None
@@ -282,6 +288,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-format", choices=["text", "json"], default=_env("LOG_FORMAT", defaults.log_format)
     )
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", defaults.log_level))
+    parser.add_argument(
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
+        default=_env("ACCESS_LOG", "1").lower() in ("1", "true", "yes"),
+        help="log one line per finished call on the layergrad_server.access logger (default on)",
+    )
+    parser.add_argument(
+        "--metrics-address",
+        default=_env("METRICS_ADDRESS", defaults.metrics_address),
+        help="host:port to serve Prometheus metrics on, at /metrics (port 0: any free port; "
+        "default: no metrics endpoint); with --workers the supervisor serves all workers' sum",
+    )
+    parser.add_argument(
+        "--tracing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="OpenTelemetry spans of every call (needs the tracing extra); default: on when "
+        "$LAYERGRAD_TRACING is 1 or $OTEL_TRACES_EXPORTER / $OTEL_EXPORTER_OTLP_ENDPOINT ask for traces",
+    )
     parser.add_argument("--tls-cert", default=_env("TLS_CERT"), help="PEM certificate chain: serve TLS")
     parser.add_argument("--tls-key", default=_env("TLS_KEY"), help="PEM private key of --tls-cert")
     parser.add_argument(
@@ -347,6 +372,30 @@ def _models(args: argparse.Namespace) -> list[ModelConfig]:
         raise SystemExit(f"layergrad-server: {error}") from None
 
 
+def _tracing(flag: bool | None) -> bool:
+    if flag is not None:
+        return flag
+    explicit = _env("TRACING")
+    if explicit is not None:
+        return explicit.lower() in ("1", "true", "yes")
+    from layergrad_server.observability.tracing import tracing_requested
+
+    return tracing_requested()
+
+
+def _metrics_address(address: str) -> str:
+    """``--metrics-address`` checked: "" or ``host:port``; SystemExit if malformed."""
+    if not address:
+        return ""
+    host, colon, port = address.rpartition(":")
+    if not colon or not host or not port.isdigit() or int(port) > 65535:
+        raise SystemExit(
+            f"layergrad-server: --metrics-address {address!r}: expected HOST:PORT with a port 0-65535 "
+            "(for example 127.0.0.1:9464)"
+        )
+    return address
+
+
 def from_args(args: argparse.Namespace) -> ServerConfig:
     """A config from parsed flags, checked for sane values."""
     for name in (
@@ -402,6 +451,9 @@ def from_args(args: argparse.Namespace) -> ServerConfig:
         ),
         log_format=args.log_format,
         log_level=args.log_level.upper(),
+        access_log=args.access_log,
+        metrics_address=_metrics_address(args.metrics_address),
+        tracing=_tracing(args.tracing),
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,

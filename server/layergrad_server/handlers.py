@@ -21,6 +21,13 @@ Behaviours see a ``ThreadContext``: the part of ``grpc.ServicerContext`` they us
 callable from their thread. Every error is mapped here, in one place, with
 ``status.status_for``; any other exception is logged with its traceback and
 becomes ``INTERNAL "Internal server error"``.
+
+Every call, of every protocol registered through a ``Handlers``, is observed here
+(see ``observability``): it gets a request id (the caller's ``x-request-id``, or a new
+one), echoed in the initial and trailing metadata and in the ErrorInfo of an error;
+its ``CallRecord`` (``ThreadContext.record``) collects what it asked for and its
+queue, compute and send times, sent as the ``server-timing`` trailer; when it ends
+the ``Observer`` writes its access log line and counts it in the metrics.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any, NamedTuple
@@ -37,7 +45,21 @@ from google.protobuf.message import DecodeError, Message
 
 from layergrad_server import auth
 from layergrad_server.errors import Cancelled, DeadlineExceeded, InvalidArgument, LayergradError
-from layergrad_server.status import internal_status, required_scopes, status_for
+from layergrad_server.observability import Observer
+from layergrad_server.observability.context import (
+    MAX_REQUEST_ID_CHARS,
+    PHASES,
+    REQUEST_ID_KEY,
+    SERVER_TIMING_KEY,
+    CallRecord,
+    format_server_timing,
+    metadata_value,
+    new_request_id,
+    parse_server_timing,
+    valid_request_id,
+)
+from layergrad_server.observability.tracing import TRACE_CONTEXT_KEYS
+from layergrad_server.status import internal_status, reason_of, required_scopes, status_for, with_trailers
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +67,8 @@ Behavior = Callable[[Any, "ThreadContext"], Any]
 # The token scopes a call needs, from its method name and request (``status.required_scopes``).
 Scopes = Callable[[str, Any], set[str]]
 StreamBehavior = Callable[[Any, "ThreadContext"], Iterator[Any]]
+# Fills a call's record from its parsed request (model, pattern, targets, batch).
+Describe = Callable[[str, Any, CallRecord], None]
 
 # Stream messages produced ahead of the one being sent (1 MiB each by default).
 FRAMES_AHEAD = 4
@@ -64,15 +88,38 @@ class Aborted(Exception):
 
 
 class ThreadContext:
-    """A call as the synchronous behaviours see it, from their executor thread."""
+    """A call as the synchronous behaviours see it, from their executor thread.
 
-    def __init__(self, context: grpc.aio.ServicerContext, loop: asyncio.AbstractEventLoop) -> None:
+    ``record`` is the call's ``CallRecord``; ``invocation_metadata`` holds the call's
+    ``x-request-id`` (generated if the caller sent none), so a call handed on to a sibling
+    worker keeps it. Initial metadata always carries ``x-request-id``; trailing metadata set
+    here is sent with the seam's own (``x-request-id``, ``server-timing``) when the call ends.
+    """
+
+    def __init__(
+        self,
+        context: grpc.aio.ServicerContext,
+        loop: asyncio.AbstractEventLoop,
+        record: CallRecord | None = None,
+    ) -> None:
         self._context = context
         self._loop = loop
         self._lock = threading.Lock()
         self._gone = False
         self._callbacks: list[Callable[[], object]] = []
-        self._metadata = tuple(Metadatum(key, value) for key, value in context.invocation_metadata() or ())
+        self.record = record if record is not None else CallRecord("", "", new_request_id())
+        metadata = [
+            Metadatum(key, value)
+            for key, value in context.invocation_metadata() or ()
+            if key != REQUEST_ID_KEY
+        ]
+        metadata.append(Metadatum(REQUEST_ID_KEY, self.record.request_id))
+        self._metadata = tuple(metadata)
+        self._initial_sent = False
+        # Whether the call has its final status (not cancelled).
+        self.ended = False
+        self._trailers: tuple[tuple[str, str | bytes], ...] = ()
+        self._timing_extras: list[str] = []
 
     def peer(self) -> str:
         return self._context.peer()
@@ -109,10 +156,52 @@ class ThreadContext:
                 logger.exception("call end callback failed")
 
     def send_initial_metadata(self, metadata: tuple[tuple[str, str | bytes], ...]) -> None:
-        asyncio.run_coroutine_threadsafe(self._context.send_initial_metadata(metadata), self._loop).result()
+        with self._lock:
+            self._initial_sent = True
+        asyncio.run_coroutine_threadsafe(
+            self._context.send_initial_metadata(self._with_request_id(metadata)), self._loop
+        ).result()
 
     def set_trailing_metadata(self, metadata: tuple[tuple[str, str | bytes], ...]) -> None:
-        self._context.set_trailing_metadata(metadata)
+        self._trailers = self._absorb(metadata)
+
+    async def ensure_initial_metadata(self) -> None:
+        """On the event loop: sends the initial metadata (``x-request-id``) if the behaviour has not."""
+        with self._lock:
+            if self._initial_sent:
+                return
+            self._initial_sent = True
+        await self._context.send_initial_metadata(self._with_request_id(()))
+
+    def final_trailers(self, extra: tuple[tuple[str, str | bytes], ...] = ()) -> tuple[tuple[str, Any], ...]:
+        """The trailing metadata to end the call with: the behaviour's (or ``extra``, a status's,
+        when given), then ``x-request-id`` and ``server-timing``."""
+        kept = self._absorb(extra) if extra else self._trailers
+        timing = ", ".join([format_server_timing(self.record.phases(all_phases=True)), *self._timing_extras])
+        return (*kept, (REQUEST_ID_KEY, self.record.request_id), (SERVER_TIMING_KEY, timing))
+
+    def _with_request_id(self, metadata: tuple[tuple[str, str | bytes], ...]) -> tuple[tuple[str, Any], ...]:
+        return (
+            *((k, v) for k, v in metadata if k != REQUEST_ID_KEY),
+            (REQUEST_ID_KEY, self.record.request_id),
+        )
+
+    def _absorb(self, metadata: tuple[tuple[str, str | bytes], ...]) -> tuple[tuple[str, str | bytes], ...]:
+        """``metadata`` without ``x-request-id`` and ``server-timing``: the phases of a
+        ``server-timing`` (a sibling worker's, or the behaviour's own) go into the record,
+        other entries of it are kept to follow the seam's."""
+        kept = []
+        self._timing_extras = []
+        for key, value in metadata:
+            if key == SERVER_TIMING_KEY:
+                for name, seconds in parse_server_timing(value).items():
+                    if name in PHASES:
+                        self.record.relayed[name] = seconds
+                    else:
+                        self._timing_extras.append(format_server_timing({name: seconds}))
+            elif key != REQUEST_ID_KEY:
+                kept.append((key, value))
+        return tuple(kept)
 
     def abort_with_status(self, status: grpc.Status) -> None:
         raise Aborted(status)
@@ -125,7 +214,13 @@ class _End(NamedTuple):
 
 
 class Handlers:
-    """Builds the asyncio handlers of GradientService's synchronous behaviours."""
+    """Builds the asyncio handlers of one protocol's synchronous behaviours.
+
+    ``protocol`` names it in the logs and metrics (``layergrad_v1``); ``describe`` fills a
+    call's record from its parsed request; ``observer`` sees every call start and end. With
+    ``sibling_peers`` (a worker of ``--workers N`` that takes calls from its siblings), calls
+    from ``unix:`` peers come from a sibling: they are observed where they arrived, not here.
+    """
 
     def __init__(
         self,
@@ -134,12 +229,62 @@ class Handlers:
         tokens: auth.TokenStore | None,
         service_prefix: str,
         stall_seconds: float,
+        *,
+        protocol: str = "layergrad_v1",
+        observer: Observer | None = None,
+        describe: Describe | None = None,
+        sibling_peers: bool = False,
     ) -> None:
         self._executor = executor
         self._loop = loop
         self._tokens = tokens
         self._prefix = service_prefix
         self._stall_seconds = stall_seconds
+        self.protocol = protocol
+        self._observer = observer or Observer()
+        self._describe = describe
+        self._sibling_peers = sibling_peers
+
+    def _open(self, method: str, context: grpc.aio.ServicerContext) -> tuple[ThreadContext, bool]:
+        """The call's context and record; True if the caller's ``x-request-id`` cannot be used."""
+        given = metadata_value(context.invocation_metadata(), REQUEST_ID_KEY)
+        bad = given is not None and not valid_request_id(given)
+        peer = context.peer() or ""
+        record = CallRecord(
+            protocol=self.protocol,
+            method=method,
+            request_id=given if isinstance(given, str) and not bad else new_request_id(),
+            peer=peer,
+            from_sibling=self._sibling_peers and peer.startswith("unix:"),
+            trace_context={
+                key: value
+                for key, value in context.invocation_metadata() or ()
+                if key in TRACE_CONTEXT_KEYS and isinstance(value, str)
+            },
+        )
+        return ThreadContext(context, self._loop, record), bad
+
+    async def _abort(
+        self, context: grpc.aio.ServicerContext, call: ThreadContext, status: grpc.Status
+    ) -> None:
+        """Ends the call with ``status``, its reason recorded, the seam's trailers added."""
+        record = call.record
+        record.code = status.code.name
+        record.reason = record.reason or reason_of(status)
+        record.sent()
+        call.ended = True
+        trailers = call.final_trailers(tuple(status.trailing_metadata or ()))
+        await context.abort_with_status(with_trailers(status, trailers, replace=True))
+
+    def _finish(self, call: ThreadContext) -> None:
+        record = call.record
+        if not call.ended:  # cancelled: the caller went away (or the server is stopping)
+            record.code, record.reason = "CANCELLED", record.reason or "CANCELLED"
+        record.finished = time.monotonic()
+        try:
+            self._observer.finished(record)
+        except Exception:
+            logger.exception("observing %s%s failed", self._prefix, record.method)
 
     def unary(
         self,
@@ -152,21 +297,31 @@ class Handlers:
         which token scopes a request needs."""
 
         async def handle(requests: Any, context: grpc.aio.ServicerContext) -> bytes:
-            call = ThreadContext(context, self._loop)
-            data = await self._receive(method, context)
-            if not isinstance(data, bytes):
-                await context.abort_with_status(data)
-            future = self._loop.run_in_executor(
-                self._executor, self._run_unary, method, behavior, request_type, data, call, scopes
-            )
+            call, bad_id = self._open(method, context)
+            self._observer.started(call.record)
             try:
-                answer = await future
-            except BaseException:  # cancelled: the behaviour stops at its next checkpoint
-                call.end()
-                raise
-            if not isinstance(answer, bytes):
-                await context.abort_with_status(answer)
-            return answer
+                data = await self._receive(method, context, call, bad_id)
+                if isinstance(data, bytes):
+                    future = self._loop.run_in_executor(
+                        self._executor, self._run_unary, method, behavior, request_type, data, call, scopes
+                    )
+                    try:
+                        answer = await future
+                    except BaseException:  # cancelled: the behaviour stops at its next checkpoint
+                        call.end()
+                        raise
+                    if isinstance(answer, bytes):
+                        call.record.bytes_sent = len(answer)
+                        call.record.sent()
+                        await call.ensure_initial_metadata()
+                        context.set_trailing_metadata(call.final_trailers())
+                        call.ended = True
+                        return answer
+                    data = answer
+                await self._abort(context, call, data)
+                raise AssertionError("unreachable: abort raises")
+            finally:
+                self._finish(call)
 
         return grpc.stream_unary_rpc_method_handler(handle)
 
@@ -177,56 +332,85 @@ class Handlers:
         thread, at most ``FRAMES_AHEAD`` ahead of the one being sent."""
 
         async def handle(requests: Any, context: grpc.aio.ServicerContext) -> None:
-            call = ThreadContext(context, self._loop)
-            data = await self._receive(method, context)
-            if not isinstance(data, bytes):
-                await context.abort_with_status(data)
-            queue: asyncio.Queue[bytes | _End] = asyncio.Queue()
-            room = threading.Semaphore(FRAMES_AHEAD)
-            future = self._loop.run_in_executor(
-                self._executor, self._run_stream, method, behavior, request_type, data, call, queue, room
-            )
+            call, bad_id = self._open(method, context)
+            self._observer.started(call.record)
             try:
-                while True:
-                    item = await queue.get()
-                    if isinstance(item, _End):
-                        if item.status is not None:
-                            await context.abort_with_status(item.status)
-                        return
-                    try:
-                        await asyncio.wait_for(context.write(item), self._stall_seconds)
-                    except TimeoutError:
-                        logger.warning(
-                            "%s: the caller read nothing for %.0fs; stopping the stream",
-                            method,
-                            self._stall_seconds,
-                        )
-                        call.end()
-                        room.release(FRAMES_AHEAD + 1)
-                        await context.abort_with_status(
-                            status_for(
-                                Cancelled(
-                                    f"the caller read no message for {self._stall_seconds:.0f}s; the "
-                                    "stream was stopped (the server's --stall-timeout)",
-                                    reason="STALLED_READER",
-                                )
-                            )
-                        )
-                    room.release()
+                data = await self._receive(method, context, call, bad_id)
+                if not isinstance(data, bytes):
+                    await self._abort(context, call, data)
+                await self._send_stream(method, behavior, request_type, data, context, call)
             finally:
-                # Sent, refused, cancelled or failed: the producer has finished, or stops at
-                # its next checkpoint.
-                call.end()
-                room.release(FRAMES_AHEAD + 1)
-                future.add_done_callback(lambda done: done.exception())
+                self._finish(call)
 
         return grpc.stream_stream_rpc_method_handler(handle)
 
-    async def _receive(self, method: str, context: grpc.aio.ServicerContext) -> bytes | grpc.Status:
+    async def _send_stream(
+        self,
+        method: str,
+        behavior: StreamBehavior,
+        request_type: type[Message],
+        data: bytes,
+        context: grpc.aio.ServicerContext,
+        call: ThreadContext,
+    ) -> None:
+        """Writes ``behavior``'s messages as they come, then ends the call with its status."""
+        queue: asyncio.Queue[bytes | _End] = asyncio.Queue()
+        room = threading.Semaphore(FRAMES_AHEAD)
+        future = self._loop.run_in_executor(
+            self._executor, self._run_stream, method, behavior, request_type, data, call, queue, room
+        )
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, _End):
+                    if item.status is not None:
+                        await self._abort(context, call, item.status)
+                    call.record.sent()
+                    await call.ensure_initial_metadata()
+                    context.set_trailing_metadata(call.final_trailers())
+                    call.ended = True
+                    return
+                await call.ensure_initial_metadata()
+                try:
+                    await asyncio.wait_for(context.write(item), self._stall_seconds)
+                except TimeoutError:
+                    logger.warning(
+                        "%s: the caller read nothing for %.0fs; stopping the stream (request id %s)",
+                        method,
+                        self._stall_seconds,
+                        call.record.request_id,
+                    )
+                    call.end()
+                    room.release(FRAMES_AHEAD + 1)
+                    stalled = Cancelled(
+                        f"the caller read no message for {self._stall_seconds:.0f}s; the "
+                        "stream was stopped (the server's --stall-timeout)",
+                        reason="STALLED_READER",
+                    )
+                    await self._abort(context, call, self._refused(method, stalled, call))
+                call.record.bytes_sent += len(item)
+                room.release()
+        finally:
+            # Sent, refused, cancelled or failed: the producer has finished, or stops at
+            # its next checkpoint.
+            call.end()
+            room.release(FRAMES_AHEAD + 1)
+            future.add_done_callback(lambda done: done.exception())
+
+    async def _receive(
+        self, method: str, context: grpc.aio.ServicerContext, call: ThreadContext, bad_request_id: bool
+    ) -> bytes | grpc.Status:
         """The request bytes, after the token check; or the status refusing the call."""
         try:
+            if bad_request_id:
+                raise InvalidArgument(
+                    f"the {REQUEST_ID_KEY} metadata must be 1 to {MAX_REQUEST_ID_CHARS} printable ASCII "
+                    "characters without spaces; send another or none (the server then makes one)",
+                    reason="INVALID_REQUEST_ID",
+                )
             if self._tokens is not None:
-                self._tokens.authenticate(_authorization(context.invocation_metadata()))
+                principal = self._tokens.authenticate(_authorization(context.invocation_metadata()))
+                call.record.token_name = principal.name
             try:
                 data = await asyncio.wait_for(context.read(), self._stall_seconds)
             except TimeoutError:
@@ -239,11 +423,25 @@ class Handlers:
                 raise InvalidArgument("the call ended without a request message", reason="MALFORMED_REQUEST")
             return data
         except LayergradError as error:
-            return self._refused(method, error)
+            return self._refused(method, error, call)
 
-    def _refused(self, method: str, error: LayergradError) -> grpc.Status:
-        logger.info("%s%s refused: %s %s", self._prefix, method, error.status, error.message)
+    def _refused(self, method: str, error: LayergradError, call: ThreadContext) -> grpc.Status:
+        """The status of a domain error, its ErrorInfo naming the call's request id."""
+        logger.info(
+            "%s%s refused: %s %s (request id %s)",
+            self._prefix,
+            method,
+            error.status,
+            error.message,
+            call.record.request_id,
+        )
+        call.record.reason = error.reason
+        error.metadata.setdefault("request_id", call.record.request_id)
         return status_for(error)
+
+    def _internal(self, method: str, call: ThreadContext) -> grpc.Status:
+        call.record.reason = "INTERNAL"
+        return internal_status(self._prefix + method, call.record.request_id)
 
     def _parse(
         self,
@@ -261,6 +459,8 @@ class Handlers:
                 "the request bytes are not a valid serialized request message of this method",
                 reason="MALFORMED_REQUEST",
             ) from None
+        if self._describe is not None:
+            self._describe(method, request, call.record)
         if self._tokens is not None:
             principal = self._tokens.authenticate(_authorization(call.invocation_metadata()))
             principal.require(scopes(method, request))
@@ -280,11 +480,11 @@ class Handlers:
             answer = behavior(self._parse(method, request_type, data, call, scopes), call)
             return answer if isinstance(answer, bytes) else answer.SerializeToString()
         except LayergradError as error:
-            return self._refused(method, error)
+            return self._refused(method, error, call)
         except Aborted as aborted:
             return aborted.status
         except Exception:
-            return internal_status(self._prefix + method)
+            return self._internal(method, call)
 
     def _run_stream(
         self,
@@ -312,11 +512,11 @@ class Handlers:
             finally:
                 messages.close()  # a stopped stream gives back its admission place now
         except LayergradError as error:
-            status = self._refused(method, error)
+            status = self._refused(method, error, call)
         except Aborted as aborted:
             status = aborted.status
         except Exception:
-            status = internal_status(self._prefix + method)
+            status = self._internal(method, call)
         put(queue.put_nowait, _End(status))
 
 

@@ -16,19 +16,21 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
 
-from layergrad_server import kernels
+from layergrad_server import kernels, reflection
 from layergrad_server.admission import Admission
 from layergrad_server.auth import TokenStore
 from layergrad_server.config import MIB, ServerConfig
 from layergrad_server.engine import Engine, WeightsSource
-from layergrad_server.handlers import Handlers
+from layergrad_server.handlers import Describe, Handlers
 from layergrad_server.kserve_v2 import SERVICE_NAME as INFERENCE_SERVICE_NAME
 from layergrad_server.kserve_v2 import SERVICE_PREFIX as INFERENCE_SERVICE_PREFIX
 from layergrad_server.kserve_v2 import InferenceServicer, add_inference_service
 from layergrad_server.models.repository import ModelConfig, default_models
+from layergrad_server.observability import Observer, Observers
+from layergrad_server.observability.access_log import AccessLog
+from layergrad_server.observability.metrics import Metrics, MetricsServer, ResidentMemory, multiprocess
 from layergrad_server.registry import ModelEntry, ModelState, Registry
 from layergrad_server.servicer import GradientServicer
 
@@ -144,7 +146,7 @@ def add_kserve_v2_service(
     probe_handlers: Handlers,
     dispatcher: Dispatcher | None = None,
     serving: Callable[[], bool] = lambda: True,
-) -> None:
+) -> InferenceServicer:
     """Registers the Open Inference Protocol (KServe v2) through ``handlers`` (its liveness and
     readiness probes through ``probe_handlers``, which take no token): its ModelInfer
     runs GradientService's Predict and ComputeGradients behaviours as registered above
@@ -157,6 +159,7 @@ def add_kserve_v2_service(
         serving=serving,
     )
     add_inference_service(inference, server, handlers, probe_handlers)
+    return inference
 
 
 def apply_cpu_kernels(choice: str, model: Engine) -> str:
@@ -181,6 +184,7 @@ def load_model(config: ServerConfig, weights: WeightsSource, model: ModelConfig 
     cpu_kernels = apply_cpu_kernels(config.cpu_kernels, engine)
     loaded = time.perf_counter()
     engine.warm_up()
+    engine.load_seconds = time.perf_counter() - started  # type: ignore[attr-defined]
     logger.info(
         "loaded model %s (%s, version %s) weights=%s pretrained=%s file_sha256=%s parameters_sha256=%s "
         "cpu_kernels=%s load=%.2fs warm_up=%.2fs resident=+%.0fMiB",
@@ -247,17 +251,26 @@ class GradientServer:
         self._servicer = GradientServicer(config, self.admission, self.models)
         self._health = health_async.HealthServicer()
         self.models.on_change(self._model_changed)
-        handlers = Handlers(self._executor, self._loop, tokens, f"/{SERVICE_NAME}/", config.stall_seconds)
+        self._tokens = tokens
+        # Metrics are kept when they are served: here, or (a worker of --workers) by the supervisor.
+        serve_metrics = bool(config.metrics_address) and config.worker_index is None
+        self.metrics = Metrics() if serve_metrics or (config.metrics_address and multiprocess()) else None
+        observers: list[Observer] = [AccessLog()] if config.access_log else []
+        if self.metrics is not None:
+            observers.append(self.metrics)
+            self.admission.listener = self.metrics.admission_changed
+        self._tracer_provider: Any = None
+        if config.tracing:
+            observers.append(self._tracing())
+        self.observer: Observer = Observers(observers)
+        handlers = self.handlers("layergrad_v1", f"/{SERVICE_NAME}/", self._servicer.describe)
         add_gradient_service(self._servicer, self._server, handlers, self.dispatcher)
         # KServe v2 beside it; its liveness and readiness probes take no token, like health.
-        inference_handlers = Handlers(
-            self._executor, self._loop, tokens, INFERENCE_SERVICE_PREFIX, config.stall_seconds
-        )
-        probe_handlers = Handlers(
-            self._executor, self._loop, None, INFERENCE_SERVICE_PREFIX, config.stall_seconds
-        )
+        inference_handlers = self.handlers("kserve_v2", INFERENCE_SERVICE_PREFIX, self._describe_inference)
+        probe_handlers = self.handlers("kserve_v2", INFERENCE_SERVICE_PREFIX, tokens=False)
         self._serving = False
-        add_kserve_v2_service(
+        self._inference: InferenceServicer | None = None
+        self._inference = add_kserve_v2_service(
             self._servicer,
             self._server,
             inference_handlers,
@@ -267,7 +280,7 @@ class GradientServer:
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
-            [SERVICE_NAME, INFERENCE_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server
+            [SERVICE_NAME, INFERENCE_SERVICE_NAME, health.SERVICE_NAME], self._server
         )
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         credentials = server_credentials(config)
@@ -281,12 +294,61 @@ class GradientServer:
                 "bearer tokens on a plaintext port (%s) travel in clear: serve TLS with --tls-cert/--tls-key",
                 config.address,
             )
+        self.metrics_server: MetricsServer | None = None
+        if serve_metrics and self.metrics is not None:
+            self.metrics.registry.register(ResidentMemory(lambda: {"server": "self"}))
+            try:
+                self.metrics_server = MetricsServer(config.metrics_address, self.metrics.registry)
+            except OSError:
+                self._close_loop()
+                raise
         self._security = (
             "plaintext" if credentials is None else "mutual TLS" if config.tls_client_ca else "TLS"
         ) + ("" if tokens is None else f", {len(tokens)} bearer token(s)")
         self._stopped = threading.Event()
         self._started = False
         self._attached = False
+
+    def _describe_inference(self, method: str, request: Any, record: Any) -> None:
+        """A KServe v2 call's record filled from its layergrad.v1 equivalent (model, pattern, ...)."""
+        if method != "ModelInfer" or self._inference is None:
+            return
+        try:
+            call = self._inference.equivalent(request, with_inputs=False)
+        except Exception:  # the call itself reports what is wrong with it
+            record.model = request.model_name
+            return
+        self._servicer.describe(call.method, call.request, record)
+
+    def _tracing(self) -> Observer:
+        """The spans observer of ``--tracing``, or a no-op one (with a warning) without OpenTelemetry."""
+        try:
+            from layergrad_server.observability.tracing import Tracing, configure_provider
+
+            self._tracer_provider = configure_provider()
+            return Tracing()
+        except ImportError:
+            logger.warning("--tracing: opentelemetry is not installed (pip install '.[tracing]'); no spans")
+            return Observer()
+
+    def handlers(
+        self, protocol: str, service_prefix: str, describe: Describe | None = None, *, tokens: bool = True
+    ) -> Handlers:
+        """The seam through which a protocol's methods are registered: tokens (none with
+        ``tokens=False``: probes), limits, request ids, timings, access log and metrics (see
+        ``handlers``); ``protocol`` labels them."""
+        return Handlers(
+            self._executor,
+            self._loop,
+            self._tokens if tokens else None,
+            service_prefix,
+            self.config.stall_seconds,
+            protocol=protocol,
+            observer=self.observer,
+            describe=describe,
+            # A worker that takes calls from its siblings: those arrive on its unix socket.
+            sibling_peers=self.dispatcher is not None and self.dispatcher.listen_address is not None,
+        )
 
     async def _make_server(self) -> grpc.aio.Server:
         config = self.config
@@ -345,6 +407,8 @@ class GradientServer:
         self._started = True
         if self._attached and self.dispatcher is not None:
             self.dispatcher.open()
+        if self.metrics_server is not None:
+            logger.info("metrics on http://%s/metrics", self.metrics_server.address)
         logger.info(
             "%s %s (%s; %d compute slot(s), queue %d, %d threads; health NOT_SERVING until "
             "the model is ready)",
@@ -371,6 +435,9 @@ class GradientServer:
     def attach(self, model: Engine, name: str | None = None) -> None:
         """Serves an already warmed-up model (under ``name``, default its architecture's)."""
         self._servicer.attach(model, name)
+        seconds = getattr(model, "load_seconds", None)
+        if self.metrics is not None and seconds is not None:
+            self.metrics.model_loaded(name or model.adapter.name.lower(), seconds)
 
     def fail(self, name: str, message: str) -> None:
         """Reports that a model could not be loaded; the others keep serving."""
@@ -428,6 +495,10 @@ class GradientServer:
         self._on_loop(self._server.stop(linger))
         self._close_loop()
         self._servicer.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+        if self._tracer_provider is not None:
+            self._tracer_provider.shutdown()  # sends the spans still buffered
         if self.dispatcher is not None:
             self.dispatcher.close()
         if self._table is not None:

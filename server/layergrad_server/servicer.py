@@ -20,6 +20,7 @@ from layergrad_server import __version__, convert, engine
 from layergrad_server.admission import Admission, AdmittedCall
 from layergrad_server.config import ServerConfig
 from layergrad_server.errors import FailedPrecondition, ResultTooLarge
+from layergrad_server.observability.context import SERVER_TIMING_KEY, CallRecord
 from layergrad_server.registry import ModelState, Registry
 from layergrad_server.shm import RegionMaps, check_region
 
@@ -32,8 +33,8 @@ _NO_DEADLINE = 1e8
 # StreamGradients messages converted ahead of the one being sent (1 MiB each by default):
 # float16 output then streamed 1.25x faster on 2 cores; float32 has nothing to overlap.
 FRAMES_AHEAD = 4
-# Trailer of ExportGradients with the server's time per phase (see ``ExportGradients``).
-SERVER_TIMING_KEY = "server-timing"
+# Target names a call's record lists before it says only how many more there are.
+SHOWN_TARGETS = 3
 
 
 _STATES = {
@@ -71,6 +72,24 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         found = self.models.get(request.model, request.model_version)
         assert found.engine is not None
         return found.engine
+
+    def model_name(self, request: object) -> str:
+        """The name of the model a request is for: its ``model`` field, or the served model's
+        (lowercase, as the metrics and access log name it)."""
+        return getattr(request, "model", "") or self.models.default
+
+    def describe(self, method: str, request: object, record: CallRecord) -> None:
+        """Fills a call's record from its request: model, pattern, targets and batch size."""
+        record.model = self.model_name(request)
+        inputs = getattr(request, "inputs", None)
+        record.batch = 0 if inputs is None else len(inputs)
+        if isinstance(request, pb.PredictRequest):
+            record.targets = _names_summary("layers", list(request.layers) or ["default"], False)
+        elif isinstance(request, GradientsRequest):
+            record.pattern = (
+                pb.BackwardPattern.Name(request.pattern).removeprefix("BACKWARD_PATTERN_").lower()
+            )
+            record.targets = targets_summary(request)
 
     def ComputeGradients(  # noqa: N802
         self, request: pb.ComputeGradientsRequest, context: grpc.ServicerContext
@@ -115,9 +134,10 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
     ) -> pb.ExportGradientsResponse:
         """StreamGradients' result written into the caller's shared memory region (see ``shm``).
 
-        Sends a ``server-timing`` trailer: ``pre`` (admission, decoding, planning,
-        mapping the region), ``compute`` (forward and backward) and ``write`` (converting
-        to a reduced output type, if asked, and copying into the region), each ``<name>;dur=<milliseconds>``.
+        Adds to the ``server-timing`` trailer (which every call has: ``queue``, ``compute``,
+        ``send``) ``pre`` (admission, decoding, planning, mapping the region) and ``write``
+        (converting to a reduced output type, if asked, and copying into the region), each
+        ``<name>;dur=<milliseconds>``.
         """
         started = time.perf_counter()
         if self._regions is None:
@@ -160,7 +180,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         )
         if result.loss is not None:
             response.loss = result.loss
-        phases = {"pre": computing - started, "compute": computed - computing, "write": written - computed}
+        phases = {"pre": computing - started, "write": written - computed}
         timing = ", ".join(f"{name};dur={seconds * 1e3:.3f}" for name, seconds in phases.items())
         context.set_trailing_metadata(((SERVER_TIMING_KEY, timing),))
         return response
@@ -222,7 +242,14 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         """A place among the admitted calls (before decoding anything), or a refusal."""
         remaining = context.time_remaining()
         deadline = None if remaining is None or remaining > _NO_DEADLINE else time.monotonic() + remaining
-        return self._admission.enter(kind, len(request.inputs), deadline, context.is_active)
+        record = getattr(context, "record", None)
+        return self._admission.enter(
+            kind,
+            len(request.inputs),
+            deadline,
+            context.is_active,
+            on_computed=None if record is None else record.admitted,
+        )
 
     def _plan(
         self,
@@ -303,6 +330,27 @@ def cost_kind(request: GradientsRequest | pb.PredictRequest) -> str:
         ]
     digest = hashlib.blake2b("\0".join(parts).encode(), digest_size=8).hexdigest()
     return f"{parts[0]}/{digest}"
+
+
+def _names_summary(kind: str, names: list[str], every: bool) -> str:
+    if every:
+        return f"{kind}:all"
+    shown = ",".join(names[:SHOWN_TARGETS])
+    more = f",+{len(names) - SHOWN_TARGETS}" if len(names) > SHOWN_TARGETS else ""
+    return f"{kind}:{shown}{more}"
+
+
+def targets_summary(request: GradientsRequest) -> str:
+    """What a gradient call asks for, short: ``input layers:conv5_3 parameters:all``."""
+    targets = request.targets
+    parts = ["input"] if targets.input else []
+    if targets.layers or targets.all_layers:
+        parts.append(_names_summary("layers", list(targets.layers), targets.all_layers))
+    if targets.parameters or targets.all_parameters:
+        parts.append(_names_summary("parameters", list(targets.parameters), targets.all_parameters))
+    if request.activation_layers:
+        parts.append(_names_summary("activations", list(request.activation_layers), False))
+    return " ".join(parts)
 
 
 def _is_local_peer(peer: str) -> bool:

@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 ERROR_DOMAIN = "layergrad.dev"
 SERVICE_PREFIX = f"/{pb.DESCRIPTOR.services_by_name['GradientService'].full_name}/"
 PUSHBACK_KEY = "grpc-retry-pushback-ms"
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 
 class _Status(NamedTuple):
@@ -76,10 +77,46 @@ def status_for(error: LayergradError) -> grpc.Status:
     return _RichStatus(plain.code, plain.details, trailers)
 
 
-def internal_status(method: str) -> grpc.Status:
-    """INTERNAL "Internal server error", after logging the exception being handled."""
-    logger.exception("unexpected error in %s", method)
-    return rpc_status.to_status(status_pb2.Status(code=code_pb2.INTERNAL, message="Internal server error"))
+def internal_status(method: str, request_id: str | None = None) -> grpc.Status:
+    """INTERNAL "Internal server error", after logging the exception being handled; with a
+    ``request_id``, an ErrorInfo (reason INTERNAL) naming it, to quote when reporting it."""
+    logger.exception("unexpected error in %s (request id %s)", method, request_id or "-")
+    details = []
+    if request_id:
+        holder = any_pb2.Any()
+        holder.Pack(
+            error_details_pb2.ErrorInfo(
+                reason="INTERNAL", domain=ERROR_DOMAIN, metadata={"request_id": request_id}
+            )
+        )
+        details.append(holder)
+    return rpc_status.to_status(
+        status_pb2.Status(code=code_pb2.INTERNAL, message="Internal server error", details=details)
+    )
+
+
+def with_trailers(
+    status: grpc.Status, trailers: tuple[tuple[str, str | bytes], ...], *, replace: bool = False
+) -> grpc.Status:
+    """``status`` with ``trailers`` added to (or, with ``replace``, instead of) its trailing metadata."""
+    kept = () if replace else tuple(status.trailing_metadata or ())
+    return _RichStatus(status.code, status.details, kept + tuple(trailers))
+
+
+def reason_of(status: grpc.Status) -> str:
+    """The ErrorInfo reason in a status's ``grpc-status-details-bin`` trailer, or ""."""
+    for key, value in status.trailing_metadata or ():
+        if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
+            try:
+                rich = status_pb2.Status.FromString(value)
+            except Exception:
+                return ""
+            for detail in rich.details:
+                if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                    info = error_details_pb2.ErrorInfo()
+                    detail.Unpack(info)
+                    return info.reason
+    return ""
 
 
 def required_scopes(method: str, request: Any) -> set[str]:

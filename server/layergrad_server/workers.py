@@ -19,7 +19,10 @@ processes serve more calls per second. The parent:
 * restarts a worker that dies after it was serving (clearing its entries in the
   load table), and stops everything when one fails to start;
 * on SIGTERM or SIGINT forwards SIGTERM, lets each worker drain its calls within
-  ``--grace`` and exits 0 once all have exited cleanly.
+  ``--grace`` and exits 0 once all have exited cleanly;
+* with ``--metrics-address``, serves ``/metrics``: the sum of the workers' metrics, which
+  each writes into files of a directory of the group (``$PROMETHEUS_MULTIPROC_DIR``, see
+  ``observability.metrics``), plus every process's resident memory.
 
 Dispatch (``--worker-dispatch``). The kernel assigns whole connections, at random,
 and a gRPC channel holds one connection, so a few clients can all land on one
@@ -229,6 +232,34 @@ class Supervisor:
         self._workers = [_Worker(i) for i in range(config.workers)]
         self._stop = threading.Event()
         self._exit_codes_clean = True
+        self._metrics_dir: str | None = None
+        self._metrics_server = None
+        if config.metrics_address:
+            self._serve_metrics(config.metrics_address)
+
+    def _serve_metrics(self, address: str) -> None:
+        from layergrad_server.observability import metrics
+
+        self._metrics_dir = os.path.join(self._directory, "metrics")
+        os.mkdir(self._metrics_dir, 0o700)
+        self._env[metrics.MULTIPROC_ENV] = self._metrics_dir
+        registry = metrics.multiprocess_registry(self._metrics_dir, self._processes)
+        try:
+            self._metrics_server = metrics.MetricsServer(address, registry)
+        except OSError:
+            self._reservation.close()
+            self._table.close()
+            shutil.rmtree(self._directory, ignore_errors=True)
+            raise
+        logger.info("metrics on http://%s/metrics (all workers)", self._metrics_server.address)
+
+    def _processes(self) -> dict[str, int]:
+        """The group's processes by metrics label: this one and each running worker."""
+        found = {"supervisor": os.getpid()}
+        for worker in self._workers:
+            if worker.process is not None and worker.process.poll() is None:
+                found[f"worker-{worker.index}"] = worker.process.pid
+        return found
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -323,6 +354,10 @@ class Supervisor:
             if code is None or self._stop.is_set():
                 continue
             self._table.reset(worker.index)
+            if self._metrics_dir is not None:
+                from layergrad_server.observability.metrics import mark_dead
+
+                mark_dead(self._metrics_dir, worker.process.pid)
             if worker.ready_fd is not None:
                 os.close(worker.ready_fd)
                 worker.ready_fd = None
@@ -357,5 +392,7 @@ class Supervisor:
                 logger.error("worker %d exited with %d", worker.index, code)
         self._reservation.close()
         self._table.close()
+        if self._metrics_server is not None:
+            self._metrics_server.close()
         shutil.rmtree(self._directory, ignore_errors=True)
         logger.info("all workers stopped")
