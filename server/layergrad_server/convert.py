@@ -116,6 +116,14 @@ def _dtype_name(value: int) -> str:
 
 def input_to_array(message: pb.Input, field: str, image_limits: images.ImageLimits) -> np.ndarray:
     """One Input as a prepared float32 3x224x224 array (Chainer's ``vgg.prepare``)."""
+    return input_and_size(message, field, image_limits)[0]
+
+
+def input_and_size(
+    message: pb.Input, field: str, image_limits: images.ImageLimits
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """One Input prepared, with the (height, width) of the image it came from (for a prepared
+    input: its own)."""
     kind = message.WhichOneof("kind")
     if kind == "prepared":
         array = tensor_to_array(
@@ -128,7 +136,7 @@ def input_to_array(message: pb.Input, field: str, image_limits: images.ImageLimi
                 field=f"{field}.prepared.shape",
                 reason="SHAPE_MISMATCH",
             )
-        return array
+        return array, (int(array.shape[1]), int(array.shape[2]))
     if kind == "rgb_image":
         array = tensor_to_array(
             message.rgb_image, f"{field}.rgb_image", dtypes=[DTYPES[pb.DATA_TYPE_UINT8]], ndim=3
@@ -142,7 +150,7 @@ def input_to_array(message: pb.Input, field: str, image_limits: images.ImageLimi
             field=field,
             reason="EMPTY_INPUT",
         )
-    return engine.Engine.prepare(image)
+    return engine.Engine.prepare(image), (image.height, image.width)
 
 
 def inputs_to_batch(

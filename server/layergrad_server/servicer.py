@@ -16,10 +16,10 @@ import numpy as np
 from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
 from layergrad._gen.layergrad.v1 import gradient_service_pb2_grpc as pb_grpc
 
-from layergrad_server import __version__, convert, engine
+from layergrad_server import __version__, convert, engine, explain, explain_rpc
 from layergrad_server.admission import Admission, AdmittedCall
 from layergrad_server.config import ServerConfig
-from layergrad_server.errors import FailedPrecondition, ResultTooLarge, Unavailable
+from layergrad_server.errors import FailedPrecondition, NotFound, ResultTooLarge, Unavailable, shown
 from layergrad_server.shm import RegionMaps, check_region
 
 logger = logging.getLogger(__name__)
@@ -168,6 +168,46 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
                 result = model.predict(batch, tuple(request.layers), dtype, checkpoint=call.checkpoint)
             return convert.predict_response(result)
 
+    def Explain(  # noqa: N802
+        self, request: pb.ExplainRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.ExplainResponse]:
+        """Yields the maps of an explanation in chunks (see ``explain_rpc.frames``): one admitted call
+        whose size is every backward pass it takes."""
+        model = self._explain_model(request.model, request.model_version)
+        with self._admission.enter(
+            explain_rpc.cost_kind(request),
+            explain_rpc.passes_of(request),
+            _deadline(context),
+            context.is_active,
+        ) as call:
+            query = explain_rpc.query_from_proto(
+                request, self._config.image_limits, self._config.max_batch_size
+            )
+            plan = explain.plan(model, query)
+            with call.computing():
+                result = explain.explain(model, plan, checkpoint=call.checkpoint)
+            for message in explain_rpc.frames(result, self._config.stream_chunk_bytes):
+                call.checkpoint()  # stop sending once the caller is gone
+                yield message
+
+    def _explain_model(self, name: str, version: str) -> engine.Engine:
+        """The engine serving ``name`` (empty: the default model) at ``version`` (empty: any)."""
+        model = self._model
+        served = model.adapter.name.lower()
+        if name and name.lower() != served:
+            raise NotFound(
+                f"no model {shown(name)} is served; served models: {served}",
+                field="model",
+                reason="UNKNOWN_MODEL",
+            )
+        if version and version != model.adapter.version:
+            raise NotFound(
+                f"model {served} has no version {shown(version)}; served version: {model.adapter.version}",
+                field="model_version",
+                reason="UNKNOWN_MODEL_VERSION",
+            )
+        return model
+
     def GetModelInfo(  # noqa: N802
         self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext
     ) -> pb.GetModelInfoResponse:
@@ -185,9 +225,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         context: grpc.ServicerContext,
     ) -> contextlib.AbstractContextManager[AdmittedCall]:
         """A place among the admitted calls (before decoding anything), or a refusal."""
-        remaining = context.time_remaining()
-        deadline = None if remaining is None or remaining > _NO_DEADLINE else time.monotonic() + remaining
-        return self._admission.enter(kind, len(request.inputs), deadline, context.is_active)
+        return self._admission.enter(kind, len(request.inputs), _deadline(context), context.is_active)
 
     def _plan(
         self,
@@ -232,6 +270,12 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             stream_chunk_bytes=self._config.stream_chunk_bytes,
             max_batch_size=self._config.max_batch_size,
         )
+
+
+def _deadline(context: grpc.ServicerContext) -> float | None:
+    """The call's deadline in ``time.monotonic()`` seconds, or None without one."""
+    remaining = context.time_remaining()
+    return None if remaining is None or remaining > _NO_DEADLINE else time.monotonic() + remaining
 
 
 def cost_kind(request: GradientsRequest | pb.PredictRequest) -> str:
