@@ -174,6 +174,12 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         """Yields the maps of an explanation in chunks (see ``explain_rpc.frames``): one admitted call
         whose size is every backward pass it takes."""
         model = self._explain_model(request.model, request.model_version)
+        # Options are checked before admission: a bad one is refused at once, whatever the load.
+        method = explain_rpc.method_from_proto(request)
+        score_layer = explain.check_method(model, method, request.score_layer)
+        classes = np.asarray(request.targets.classes, dtype=np.int64) if request.targets.classes else None
+        rows = explain.check_targets(model, score_layer, classes, request.targets.top_k, len(request.inputs))
+        explain.check_passes(rows, method)
         with self._admission.enter(
             explain_rpc.cost_kind(request),
             explain_rpc.passes_of(request),

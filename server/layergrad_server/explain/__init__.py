@@ -308,35 +308,10 @@ def _check_cam(model: engine_module.Engine, cam: GradCAM, score_layer: str, fiel
     return layer
 
 
-def plan(model: engine_module.Engine, query: ExplainQuery) -> ExplainPlan:
-    """Validates ``query`` against ``model``; computes nothing."""
-    batch = model._check_batch(query.inputs)
-    if query.output_dtype not in engine_module.OUTPUT_DTYPES:
-        raise InvalidArgument(
-            "output_dtype must be FLOAT32 or FLOAT16", field="output_dtype", reason="BAD_DTYPE"
-        )
-    score_layer = _score_layer(model, query.score_layer)
-    width = model.layer_shapes[score_layer][0]
-    if query.classes is not None and query.top_k:
-        raise InvalidArgument(
-            "set either targets.classes or targets.top_k, not both",
-            field="targets",
-            reason="AMBIGUOUS_TARGET",
-        )
-    if query.classes is not None:
-        model._check_classes(np.asarray(query.classes), batch, width, "targets.classes")
-        rows = batch
-    else:
-        top_k = query.top_k or 1
-        if not 1 <= top_k <= min(MAX_TOP_K, width):
-            raise InvalidArgument(
-                f"top_k must be in [1, {min(MAX_TOP_K, width)}], got {top_k}",
-                field="targets.top_k",
-                reason="BAD_TOP_K",
-            )
-        rows = batch * top_k
-    method = query.method
-    cam_layer = ""
+def check_method(model: engine_module.Engine, method: Method, score_layer: str = "") -> str:
+    """Validates a method's options (no input needed: callable before admission); returns the
+    score layer."""
+    score_layer = _score_layer(model, score_layer)
     if isinstance(method, SmoothGrad):
         _check_choice(method.variant, SMOOTHGRAD_VARIANTS, "smoothgrad.variant", "UNKNOWN_OPTION", "variant")
         _check_range(method.samples, 1, MAX_SAMPLES, "smoothgrad.samples", "BAD_SAMPLES", "samples")
@@ -366,32 +341,27 @@ def plan(model: engine_module.Engine, query: ExplainQuery) -> ExplainPlan:
                 "BAD_BLUR_SIGMA",
                 "blur_sigma",
             )
-        if method.baseline == "tensor":
-            tensor = method.baseline_tensor
-            shapes = (tuple(query.inputs.shape[1:]), tuple(query.inputs.shape))
-            if tensor is None:
-                raise InvalidArgument(
-                    "baseline TENSOR needs integrated_gradients.baseline_tensor",
-                    field="integrated_gradients.baseline_tensor",
-                    reason="MISSING_BASELINE",
-                )
-            if tuple(tensor.shape) not in shapes:
-                raise InvalidArgument(
-                    f"baseline_tensor has shape {list(tensor.shape)}; expected {list(shapes[0])} "
-                    f"(one for every input) or {list(shapes[1])} (one per input), prepared like the inputs",
-                    field="integrated_gradients.baseline_tensor",
-                    reason="SHAPE_MISMATCH",
-                )
-        elif method.baseline_tensor is not None:
+        if method.baseline == "tensor" and method.baseline_tensor is None:
+            raise InvalidArgument(
+                "baseline TENSOR needs integrated_gradients.baseline_tensor",
+                field="integrated_gradients.baseline_tensor",
+                reason="MISSING_BASELINE",
+            )
+        if method.baseline != "tensor" and method.baseline_tensor is not None:
             raise InvalidArgument(
                 "baseline_tensor is only used with baseline TENSOR",
                 field="integrated_gradients.baseline_tensor",
                 reason="AMBIGUOUS_BASELINE",
             )
     elif isinstance(method, GradCAM):
-        cam_layer = _check_cam(model, method, score_layer, "gradcam")
+        _check_cam(model, method, score_layer, "gradcam")
     elif isinstance(method, GuidedGradCAM):
-        cam_layer = _check_cam(model, method.cam, score_layer, "guided_gradcam.cam")
+        _check_cam(model, method.cam, score_layer, "guided_gradcam.cam")
+    return score_layer
+
+
+def check_passes(rows: int, method: Method) -> int:
+    """The backward passes of ``rows`` targets; refuses more than ``MAX_PASSES``."""
     passes = rows * passes_per_target(method)
     if passes > MAX_PASSES:
         raise InvalidArgument(
@@ -400,6 +370,62 @@ def plan(model: engine_module.Engine, query: ExplainQuery) -> ExplainPlan:
             reason="TOO_MANY_SAMPLES",
             metadata={"passes": str(passes), "max_passes": str(MAX_PASSES)},
         )
+    return passes
+
+
+def check_targets(
+    model: engine_module.Engine, score_layer: str, classes: np.ndarray | None, top_k: int, batch: int
+) -> int:
+    """Validates the targets of ``batch`` inputs (no input needed); returns the number of rows."""
+    width = model.layer_shapes[score_layer][0]
+    if classes is not None and top_k:
+        raise InvalidArgument(
+            "set either targets.classes or targets.top_k, not both",
+            field="targets",
+            reason="AMBIGUOUS_TARGET",
+        )
+    if classes is not None:
+        model._check_classes(np.asarray(classes), batch, width, "targets.classes")
+        rows = batch
+    else:
+        top_k = top_k or 1
+        if not 1 <= top_k <= min(MAX_TOP_K, width):
+            raise InvalidArgument(
+                f"top_k must be in [1, {min(MAX_TOP_K, width)}], got {top_k}",
+                field="targets.top_k",
+                reason="BAD_TOP_K",
+            )
+        rows = batch * top_k
+    return rows
+
+
+def plan(model: engine_module.Engine, query: ExplainQuery) -> ExplainPlan:
+    """Validates ``query`` against ``model``; computes nothing."""
+    batch = model._check_batch(query.inputs)
+    if query.output_dtype not in engine_module.OUTPUT_DTYPES:
+        raise InvalidArgument(
+            "output_dtype must be FLOAT32 or FLOAT16", field="output_dtype", reason="BAD_DTYPE"
+        )
+    score_layer = _score_layer(model, query.score_layer)
+    rows = check_targets(model, score_layer, query.classes, query.top_k, batch)
+    check_method(model, query.method, score_layer)
+    method = query.method
+    if isinstance(method, IntegratedGradients) and method.baseline == "tensor":
+        tensor = method.baseline_tensor
+        shapes = (tuple(query.inputs.shape[1:]), tuple(query.inputs.shape))
+        if tensor is not None and tuple(tensor.shape) not in shapes:
+            raise InvalidArgument(
+                f"baseline_tensor has shape {list(tensor.shape)}; expected {list(shapes[0])} "
+                f"(one for every input) or {list(shapes[1])} (one per input), prepared like the inputs",
+                field="integrated_gradients.baseline_tensor",
+                reason="SHAPE_MISMATCH",
+            )
+    cam_layer = ""
+    if isinstance(method, GradCAM):
+        cam_layer = _check_cam(model, method, score_layer, "gradcam")
+    elif isinstance(method, GuidedGradCAM):
+        cam_layer = _check_cam(model, method.cam, score_layer, "guided_gradcam.cam")
+    passes = check_passes(rows, method)
     if query.image_sizes is not None and len(query.image_sizes) != batch:
         raise ValueError("one image size per input")
     return ExplainPlan(query, score_layer, cam_layer, rows, passes)
