@@ -9,6 +9,7 @@ in their last bits, which matters only for elements near zero).
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from concurrent import futures
 
@@ -19,6 +20,7 @@ import chainer
 import chainer.functions as F  # noqa: N812
 import grpc
 import layergrad
+import layergrad.aio
 import numpy as np
 import pytest
 from chainer.links.model.vision import vgg
@@ -221,6 +223,14 @@ def test_gradcam_on_conv5_3_is_relu_of_the_alpha_weighted_activations(client, re
     close(image_map, ref_bilinear(cam, *RGB.shape[:2]))
 
 
+def test_float16_maps_are_the_float32_maps_rounded(client, reference_net):
+    explanation = client.explain(RGB, method="gradcam", target=CLASS, dtype="float16", relu="after")
+    a, g = ref_layer(reference_net, X, CLASS, "conv5_3")
+    raw = (g.mean(axis=(1, 2))[:, None, None] * a).sum(axis=0)
+    assert explanation.maps["gradcam_input"].dtype == np.float16
+    close(explanation.maps["gradcam_input"][0], np.maximum(ref_bilinear(raw, 224, 224), 0), rtol=1e-3)
+
+
 def test_gradcam_defaults_to_the_last_conv_layer_and_gradcam_pp_weights(client, reference_net):
     explanation = client.explain(RGB, method="gradcam++", target=CLASS)
     assert explanation.layer == "conv5_3" and explanation.method == "gradcam_pp"
@@ -288,6 +298,17 @@ def test_top_k_explains_several_classes_per_input_in_score_order(client, referen
         assert [t.class_index for t in explanation.targets[2 * item : 2 * item + 2]] == best
     assert explanation.maps["gradcam"].shape == (4, 14, 14)
     assert [m.shape for m in explanation.image_maps["gradcam_image"]] == [(180, 240)] * 2 + [(224, 224)] * 2
+
+
+def test_the_asyncio_client_explains_the_same(server, client):
+    async def run() -> layergrad.Explanation:
+        async with layergrad.aio.Client(server.address, timeout=300) as aio_client:
+            return await aio_client.explain(RGB, method="gradcam", target=CLASS)
+
+    explained = asyncio.run(run())
+    expected = client.explain(RGB, method="gradcam", target=CLASS)
+    assert np.array_equal(explained.maps["gradcam"], expected.maps["gradcam"])
+    assert explained.targets == expected.targets
 
 
 # ---- errors, scopes, a second server ------------------------------------------------

@@ -27,7 +27,8 @@ import grpc
 import grpc.aio
 import numpy as np
 
-from layergrad import _batching, _channel
+from layergrad import _batching, _channel, _explain
+from layergrad._explain import Explanation
 from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
 from layergrad._gen.layergrad.v1 import gradient_service_pb2_grpc as pb_grpc
 from layergrad._inputs import Images, to_inputs
@@ -251,6 +252,35 @@ class Client:
             if progress is not None:
                 progress(stop, batch)
         return join.finish()
+
+    async def explain(
+        self,
+        images: Images,
+        method: str = "gradcam",
+        target: int | Sequence[int] | str | None = None,
+        *,
+        score_layer: str = "",
+        dtype: OutputDType = "float32",
+        model: str = "",
+        timeout: float | None = None,
+        wait_for_ready: bool | None = None,
+        **options: Any,
+    ) -> Explanation:
+        """As :meth:`layergrad.Client.explain`."""
+        request = _explain.build_request(
+            images, method, target, score_layer=score_layer, dtype=dtype, model=model, **options
+        )
+        images_given = _explain.image_list(images)
+
+        async def collect(kwargs: dict[str, Any]) -> Explanation:
+            call = self._stub.Explain(request, **kwargs)
+            try:
+                messages = [message async for message in call]
+            finally:
+                call.cancel()  # no-op once the stream has ended
+            return _explain.assemble(messages, images_given)
+
+        return await self._invoke(collect, timeout, wait_for_ready)
 
     async def input_gradient(
         self,

@@ -191,7 +191,9 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             )
             plan = explain.plan(model, query)
             with call.computing():
-                result = explain.explain(model, plan, checkpoint=call.checkpoint)
+                result = explain.explain(
+                    model, plan, checkpoint=call.checkpoint, batch_size=self._config.explain_batch_size
+                )
             for message in explain_rpc.frames(result, self._config.stream_chunk_bytes):
                 call.checkpoint()  # stop sending once the caller is gone
                 yield message

@@ -442,11 +442,13 @@ def _chunks(total: int, size: int) -> Iterator[slice]:
 class _Runner:
     """The engine calls of one explanation: scores and gradients, one internal batch at a time."""
 
-    def __init__(self, model: engine_module.Engine, plan: ExplainPlan, checkpoint: Checkpoint | None) -> None:
+    def __init__(
+        self, model: engine_module.Engine, plan: ExplainPlan, checkpoint: Checkpoint | None, batch: int | None
+    ) -> None:
         self.model = model
         self.plan = plan
         self.checkpoint = checkpoint
-        self.batch = model.max_batch_size
+        self.batch = min(batch or model.max_batch_size, model.max_batch_size)
 
     def _check(self) -> None:
         if self.checkpoint is not None:
@@ -518,12 +520,17 @@ def _targets(
 
 
 def explain(
-    model: engine_module.Engine, plan: ExplainPlan, *, checkpoint: Checkpoint | None = None
+    model: engine_module.Engine,
+    plan: ExplainPlan,
+    *,
+    checkpoint: Checkpoint | None = None,
+    batch_size: int | None = None,
 ) -> Explanation:
-    """Computes a planned explanation."""
+    """Computes a planned explanation in internal batches of ``batch_size`` passes (at most, and by
+    default, the engine's batch limit)."""
     query = plan.query
     method = query.method
-    runner = _Runner(model, plan, checkpoint)
+    runner = _Runner(model, plan, checkpoint, batch_size)
     inputs = query.inputs
     scores = runner.scores(inputs)
     items, classes = _targets(model, plan, scores)
