@@ -8,7 +8,7 @@ SERVER_ARGS ?=
 LOADTEST_ARGS ?=
 SOAK_ARGS ?=
 
-.PHONY: help setup client-env run serve demo test lint proto proto-check bench loadtest soak clean
+.PHONY: help setup client-env run serve demo test lint proto proto-check bench bench-explain loadtest soak clean
 
 # Plain `make` prints this list and installs nothing.
 help:
@@ -65,6 +65,11 @@ proto-check: proto
 bench: setup
 	$(PY) scripts/bench.py
 	$(PY) scripts/bench_models.py
+	$(PY) scripts/bench_explain.py
+
+# Explain: SmoothGrad via one call vs SDK calls, Integrated Gradients, Grad-CAM (BENCH_EXPLAIN_ARGS=--quick).
+bench-explain: setup
+	$(PY) scripts/bench_explain.py $(BENCH_EXPLAIN_ARGS)
 
 # N clients for T seconds against one loopback server with a small queue (LOADTEST_ARGS=...).
 loadtest: setup

@@ -269,11 +269,11 @@ def test_gradients_equal_layergrad_v1_in_the_requested_order(stub, client):
         pattern="backward_retain_grad",
         loss="class_score",
         loss_layer="fc8",
-        output_datatype="FP16",
+        output_datatype="BF16",
     )
     response = stub.ModelInfer(request, timeout=300)
     assert [t.name for t in response.outputs] == names
-    assert [t.datatype for t in response.outputs] == ["FP16", "FP16", "FP64", "FP16", "FP16"]
+    assert [t.datatype for t in response.outputs] == ["BF16", "BF16", "FP64", "BF16", "BF16"]
     got = outputs_of(response)
     reference = client.gradients(
         image,
@@ -283,13 +283,25 @@ def test_gradients_equal_layergrad_v1_in_the_requested_order(stub, client):
         layers=["conv5_3"],
         parameters=["fc8/W"],
         activations=["fc7"],
-        dtype="float16",
+        dtype="bfloat16",
     )
     np.testing.assert_array_equal(got["grad/input"], reference.input)
     np.testing.assert_array_equal(got["grad/conv5_3"], reference.layers["conv5_3"])
     np.testing.assert_array_equal(got["grad/fc8/W"], reference.parameters["fc8/W"])
     np.testing.assert_array_equal(got["fc7"], reference.activations["fc7"])
     assert got["loss"].tolist() == [reference.loss]
+
+
+def test_fp16_gradients_that_would_lose_values_are_refused_with_counts(stub):
+    """FP16 outputs are never scaled over v2 (no field carries a scale): a gradient whose small
+    values would become zero is refused, counted, pointing at BF16."""
+    request = infer_request(
+        [image_input(make_rgb(4, 150, 150)[None]), targets_input([281])],
+        ["grad/input"],
+        output_datatype="FP16",
+    )
+    message = refused(stub.ModelInfer, request, grpc.StatusCode.OUT_OF_RANGE, "FLOAT16_OUT_OF_RANGE", "BF16")
+    assert "values that would become zero" in message
 
 
 @pytest.mark.parametrize("value", [7, 7.0, "7"], ids=["int64", "double", "string"])

@@ -3,6 +3,8 @@ by the SDK's in-memory exporter from a real server running in this process."""
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import layergrad
 import pytest
@@ -48,9 +50,17 @@ def traced_server(weights_file, exporter):
 
 
 def spans_of(exporter: InMemorySpanExporter, request_id: str) -> tuple[object, list[object]]:
-    """The server span of the call with ``request_id`` and its children."""
-    spans = exporter.get_finished_spans()
-    (call,) = [s for s in spans if s.attributes.get("layergrad.request_id") == request_id]
+    """The server span of the call with ``request_id`` and its children. The server ends the
+    span once the call is over on its side, which may come just after the caller has its
+    answer: waited for (without a bound on how long the server takes, up to a minute)."""
+    give_up = time.monotonic() + 60
+    while True:
+        spans = exporter.get_finished_spans()
+        calls = [s for s in spans if s.attributes.get("layergrad.request_id") == request_id]
+        if calls or time.monotonic() > give_up:
+            break
+        time.sleep(0.05)
+    (call,) = calls
     children = [s for s in spans if s.parent is not None and s.parent.span_id == call.context.span_id]
     return call, sorted(children, key=lambda s: s.start_time)
 

@@ -14,6 +14,7 @@ Errors are :class:`LayergradError` subclasses keyed by gRPC status code (see
 :mod:`layergrad.errors`); losses live in :mod:`layergrad.losses`.
 """
 
+from layergrad._explain import ExplainedTarget, Explanation
 from layergrad.client import (
     Client,
     GradientResult,
@@ -68,6 +69,8 @@ __all__ = [
     "ClientClosedError",
     "DataLoss",
     "DeadlineExceeded",
+    "ExplainedTarget",
+    "Explanation",
     "FailedPrecondition",
     "GradientResult",
     "InputSpec",

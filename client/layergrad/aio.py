@@ -28,8 +28,9 @@ import grpc
 import grpc.aio
 import numpy as np
 
-from layergrad import _batching, _channel
+from layergrad import _batching, _channel, _explain
 from layergrad._calls import call_info_async, request_metadata
+from layergrad._explain import Explanation
 from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
 from layergrad._gen.layergrad.v1 import gradient_service_pb2_grpc as pb_grpc
 from layergrad._inputs import Images, to_inputs
@@ -325,6 +326,38 @@ class Client:
         return dataclasses.replace(
             join.finish(), request_id=results[-1][0], timings=_summed([timings for _, timings in results])
         )
+
+    async def explain(
+        self,
+        images: Images,
+        method: str = "gradcam",
+        target: int | Sequence[int] | str | None = None,
+        *,
+        score_layer: str = "",
+        dtype: OutputDType = "float32",
+        model: str | None = None,
+        model_version: str | None = None,
+        timeout: float | None = None,
+        wait_for_ready: bool | None = None,
+        **options: Any,
+    ) -> Explanation:
+        """As :meth:`layergrad.Client.explain`."""
+        name, version = self._model_of(model, model_version)
+        request = _explain.build_request(
+            images, method, target, score_layer=score_layer, dtype=dtype, model=name, **options
+        )
+        request.model_version = version
+        images_given = _explain.image_list(images)
+
+        async def collect(kwargs: dict[str, Any]) -> Explanation:
+            call = self._stub.Explain(request, **kwargs)
+            try:
+                messages = [message async for message in call]
+            finally:
+                call.cancel()  # no-op once the stream has ended
+            return _explain.assemble(messages, images_given)
+
+        return await self._invoke(collect, timeout, wait_for_ready)
 
     async def input_gradient(
         self,

@@ -8,6 +8,7 @@
     layergrad grad IMAGE... --out grads.npz [--loss SPEC] [--pattern grad] [--input]
                    [--layers a,b|all] [--params a,b|all] [--activations a,b]
                    [--dtype float32|float16|bfloat16] [--float16]
+    layergrad explain IMAGE --out map.png [--method gradcam[,saliency,...]] [--target top1|C]
 
 ``--dtype`` picks the element type on the wire: float16 and bfloat16 halve the bytes;
 the saved arrays are float32 holding the values received (float16 scaled into range
@@ -34,13 +35,15 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import TextIO
+from typing import Any, TextIO
 
 import numpy as np
 
+from layergrad._explain import METHODS, method_name
 from layergrad.client import Client, GradientResult, InputSpec, ModelInfo, Pattern
 from layergrad.errors import LayergradError
 from layergrad.losses import ClassScore, Loss, SoftmaxCrossEntropy, SquaredError, SumOfSquares
+from layergrad.render import SIGNS, grid, labelled, load_rgb
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 EXIT_SERVER_ERROR = 1
@@ -147,6 +150,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_info(commands)
     _add_predict(commands)
     _add_grad(commands)
+    _add_explain(commands)
     return parser
 
 
@@ -202,6 +206,42 @@ def _add_grad(commands: argparse._SubParsersAction) -> None:
         help="same as --dtype float16",
     )
     grad.set_defaults(handler=_run_grad)
+
+
+def _add_explain(commands: argparse._SubParsersAction) -> None:
+    explain = commands.add_parser(
+        "explain", help="attribution maps as a PNG (several methods: a grid, one panel each)"
+    )
+    explain.add_argument("image", metavar="IMAGE", help="a JPEG or PNG file")
+    explain.add_argument(
+        "--method",
+        type=_csv,
+        default=["gradcam"],
+        help=f"comma-separated methods (default gradcam): {', '.join(METHODS)}",
+    )
+    explain.add_argument(
+        "--target",
+        dest="explain_target",
+        default="top1",
+        help="a class index, or topK for the K best classes (default top1); the server is the --target "
+        "given before the command",
+    )
+    explain.add_argument("--out", required=True, help="the PNG file to write")
+    explain.add_argument("--layer", default="", help="Grad-CAM layer (default: the model's last conv layer)")
+    explain.add_argument("--samples", type=int, help="SmoothGrad / VarGrad noise samples (default 32)")
+    explain.add_argument("--noise-level", type=float, help="SmoothGrad noise, fraction of the range (0.15)")
+    explain.add_argument("--steps", type=int, help="Integrated Gradients steps (default 64)")
+    explain.add_argument("--baseline", help="Integrated Gradients baseline: mean, black, noise, blur")
+    explain.add_argument("--seed", type=int, help="seed of the noise (default 0)")
+    explain.add_argument(
+        "--sign",
+        choices=SIGNS,
+        help="what to show: absolute, positive, negative or all (default: per method)",
+    )
+    explain.add_argument("--percentile", type=float, default=99.0, help="clip at this percentile (99)")
+    explain.add_argument("--alpha", type=float, default=0.55, help="heat map opacity (0.55)")
+    explain.add_argument("--panel", type=int, default=256, help="longest side of each panel in pixels (256)")
+    explain.set_defaults(handler=_run_explain)
 
 
 def _csv(text: str) -> list[str]:
@@ -338,6 +378,60 @@ def _run_predict(client: Client, args: argparse.Namespace, out: TextIO) -> int:
         np.savez(args.out, **outputs)
         out.write(f"saved {len(outputs)} arrays to {args.out}\n")
     return 0
+
+
+def _run_explain(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    from PIL import Image
+
+    try:
+        methods = [method_name(m) for m in args.method]
+        wanted = args.explain_target.strip()
+        target: int | str = int(wanted) if wanted.isdigit() else wanted
+        picture = load_rgb(args.image)
+    except (ValueError, OSError) as exc:
+        raise UsageError(str(exc)) from None
+    if args.panel < 16:
+        raise UsageError("--panel must be at least 16")
+    scale = args.panel / max(picture.shape[:2])
+    size = (max(round(picture.shape[1] * scale), 1), max(round(picture.shape[0] * scale), 1))
+    shown = Image.fromarray(picture).resize(size, Image.Resampling.BILINEAR)
+    values = {"samples": args.samples, "noise_level": args.noise_level, "steps": args.steps}
+    values.update(baseline=args.baseline, seed=args.seed, layer=args.layer or None)
+    rows: list[list[Any]] = []
+    for method in methods:
+        options = {k: v for k, v in values.items() if v is not None and k in _explain_options(method)}
+        explanation = client.explain(args.image, method=method, target=target, **options)
+        for row, found in enumerate(explanation.targets):
+            panel = explanation.render(
+                row, shown, sign=args.sign, percentile=args.percentile, alpha=args.alpha, label=True
+            )
+            if len(rows) <= row:
+                rows.append(
+                    [labelled(shown, f"input: {found.class_name.split(',')[0] or found.class_index}")]
+                )
+            rows[row].append(panel)
+            delta = "" if found.delta is None else f"  delta={found.delta:+.4g}"
+            out.write(
+                f"{method}: class {found.class_index} {found.class_name!r} score={found.score:.4g}{delta}\n"
+            )
+    sheet = (
+        rows[0][-1]
+        if len(rows) == 1 and len(methods) == 1
+        else grid([p for r in rows for p in r], columns=len(methods) + 1)
+    )
+    sheet.save(args.out, format="PNG")
+    out.write(f"saved {args.out} ({sheet.width}x{sheet.height})\n")
+    return 0
+
+
+def _explain_options(method: str) -> set[str]:
+    if method in ("smoothgrad", "smoothgrad_sq", "vargrad"):
+        return {"samples", "noise_level", "seed"}
+    if method == "integrated_gradients":
+        return {"steps", "baseline", "seed"}
+    if method in ("gradcam", "gradcam_pp", "guided_gradcam"):
+        return {"layer"}
+    return set()
 
 
 def _print_top(images: Sequence[str], prob: np.ndarray, top: int, out: TextIO, info: ModelInfo) -> None:

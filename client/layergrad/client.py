@@ -63,9 +63,10 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-from layergrad import _batching, _channel
+from layergrad import _batching, _channel, _explain
 from layergrad._calls import call_info, request_metadata
 from layergrad._channel import DEFAULT_PORT, SERVICE_NAME
+from layergrad._explain import Explanation
 from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
 from layergrad._gen.layergrad.v1 import gradient_service_pb2_grpc as pb_grpc
 from layergrad._inputs import Images, to_inputs
@@ -482,6 +483,12 @@ class Client:
             request_serializer=pb.GetModelInfoRequest.SerializeToString,
             _registered_method=True,
         )
+        self._stub.Explain = self._channel.unary_stream(
+            f"/{SERVICE_NAME}/Explain",
+            request_serializer=pb.ExplainRequest.SerializeToString,
+            response_deserializer=pb.ExplainResponse.FromString,
+            _registered_method=True,
+        )
         self._model_info: dict[tuple[str, str], tuple[bytes, ModelInfo]] = {}
         # The most inputs per call, once learned from the server (see ``split_batches``).
         self._max_batch: int | None = None
@@ -639,6 +646,45 @@ class Client:
                 progress(stop, batch)
         return Prediction(
             _batching.join_predictions(parts), parts[-1].request_id, _summed([p.timings for p in parts])
+        )
+
+    def explain(
+        self,
+        images: Images,
+        method: str = "gradcam",
+        target: int | Sequence[int] | str | None = None,
+        *,
+        score_layer: str = "",
+        dtype: OutputDType = "float32",
+        model: str | None = None,
+        model_version: str | None = None,
+        timeout: float | None = None,
+        wait_for_ready: bool | None = None,
+        **options: Any,
+    ) -> Explanation:
+        """An attribution map of each target, computed by the server (the Explain RPC).
+
+        ``method``: saliency, gradient_x_input, smoothgrad, smoothgrad_sq, vargrad,
+        integrated_gradients (``ig``), gradcam, gradcam_pp, guided_backprop or
+        guided_gradcam. ``target``: a class for every image, a list with one class per
+        image, or ``"topK"`` (each image's K best classes; default ``"top1"``). The score
+        explained is ``score_layer`` (default the logits, before softmax). ``options``:
+        SmoothGrad ``samples``, ``noise_level``, ``seed``, ``unbiased``; Integrated
+        Gradients ``steps``, ``rule``, ``baseline`` (``mean``, ``black``, ``noise``,
+        ``blur`` or a prepared array), ``seed``, ``blur_sigma``; the Grad-CAM methods
+        ``layer``, ``relu``, ``upsampling``, ``align_corners``. See
+        ``docs/explanations.md``. The whole explanation is one call: it is not split.
+        """
+        name, version = self._model_of(model, model_version)
+        request = _explain.build_request(
+            images, method, target, score_layer=score_layer, dtype=dtype, model=name, **options
+        )
+        request.model_version = version
+        images_given = _explain.image_list(images)
+        return self._invoke(
+            lambda kwargs: _explain.assemble(self._stub.Explain(request, **kwargs), images_given),
+            timeout,
+            wait_for_ready,
         )
 
     def top_classes(

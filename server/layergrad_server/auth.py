@@ -5,12 +5,14 @@ gradients expose the model, so each kind of result has its own scope:
 
 =================== ==============================================================
 ``predict``         Predict, and activations returned with a gradient call
-``input-gradients`` gradients with respect to the input (``targets.input``)
+``input-gradients`` gradients with respect to the input (``targets.input``), and Explain
 ``layer-gradients`` gradients with respect to layers (``targets.layers``, ``all_layers``)
 ``param-gradients`` gradients with respect to parameters (``targets.parameters``, ``all_parameters``)
 =================== ==============================================================
 
-A gradient call needs every scope its targets imply. GetModelInfo needs a valid
+A gradient call needs every scope its targets imply. An Explain call, whatever its
+method, needs ``input-gradients``: an attribution map exposes the input gradient (or,
+for Grad-CAM, as much as it does). GetModelInfo needs a valid
 token and no scope: it describes the public contract. Health and reflection need
 no token.
 

@@ -49,6 +49,8 @@ class ServerConfig:
     stream_chunk_bytes: int = DEFAULT_STREAM_CHUNK_BYTES
     max_request_bytes: int = 64 * MIB
     max_batch_size: int = 32
+    # Backward passes per internal batch of an Explain call: an explanation's peak memory is one batch.
+    explain_batch_size: int = 8
     device: str = "@numpy"
     # "fast": layergrad_server.kernels on the CPU (bit-identical results); "stock": Chainer's own.
     cpu_kernels: str = "fast"
@@ -206,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max-batch-size", type=int, default=int(_env("MAX_BATCH_SIZE", str(defaults.max_batch_size)))
+    )
+    parser.add_argument(
+        "--explain-batch-size",
+        type=int,
+        default=int(_env("EXPLAIN_BATCH_SIZE", str(defaults.explain_batch_size))),
+        help="backward passes per internal batch of an Explain call, at most --max-batch-size (default "
+        "%(default)s): an explanation's peak memory is one such batch",
     )
     parser.add_argument(
         "--compute-slots",
@@ -403,6 +412,7 @@ def from_args(args: argparse.Namespace) -> ServerConfig:
         "stream_chunk_bytes",
         "max_request_bytes",
         "max_batch_size",
+        "explain_batch_size",
         "compute_slots",
     ):
         if getattr(args, name) <= 0:
@@ -440,6 +450,7 @@ def from_args(args: argparse.Namespace) -> ServerConfig:
         stream_chunk_bytes=args.stream_chunk_bytes,
         max_request_bytes=args.max_request_bytes,
         max_batch_size=args.max_batch_size,
+        explain_batch_size=min(args.explain_batch_size, args.max_batch_size),
         compute_slots=args.compute_slots,
         max_queue=args.max_queue,
         threads=args.threads,

@@ -121,6 +121,14 @@ def input_to_array(
     message: pb.Input, field: str, image_limits: images.ImageLimits, adapter: ModelAdapter | None = None
 ) -> np.ndarray:
     """One Input as the model's prepared float32 array (for VGG16, Chainer's ``vgg.prepare``)."""
+    return input_and_size(message, field, image_limits, adapter)[0]
+
+
+def input_and_size(
+    message: pb.Input, field: str, image_limits: images.ImageLimits, adapter: ModelAdapter | None = None
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """One Input prepared by the model's own preparation, with the (height, width) of the image it
+    came from (for a prepared input: its own)."""
     adapter = adapter if adapter is not None else engine.DEFAULT_ADAPTER
     spec = adapter.input_spec
     kind = message.WhichOneof("kind")
@@ -140,7 +148,7 @@ def input_to_array(
                 field=f"{field}.prepared.shape",
                 reason="SHAPE_MISMATCH",
             )
-        return array
+        return array, (int(array.shape[1]), int(array.shape[2]))
     if kind == "rgb_image":
         array = tensor_to_array(
             message.rgb_image, f"{field}.rgb_image", dtypes=[DTYPES[pb.DATA_TYPE_UINT8]], ndim=3
@@ -154,7 +162,7 @@ def input_to_array(
             field=field,
             reason="EMPTY_INPUT",
         )
-    return adapter.prepare(image)
+    return adapter.prepare(image), (image.height, image.width)
 
 
 def prepared_shape(messages: Sequence[pb.Input]) -> tuple[int, ...] | None:

@@ -122,6 +122,7 @@ def add_gradient_service(
             pb.ExportGradientsRequest,
         ),
         "Predict": handlers.unary("Predict", unary("Predict", servicer.Predict), pb.PredictRequest),
+        "Explain": handlers.stream("Explain", stream("Explain", servicer.Explain), pb.ExplainRequest),
         "GetModelInfo": handlers.unary(
             "GetModelInfo",
             dispatcher.annotate(servicer.GetModelInfo) if dispatcher else servicer.GetModelInfo,

@@ -16,7 +16,7 @@ import numpy as np
 from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
 from layergrad._gen.layergrad.v1 import gradient_service_pb2_grpc as pb_grpc
 
-from layergrad_server import __version__, convert, engine
+from layergrad_server import __version__, convert, engine, explain, explain_rpc
 from layergrad_server.admission import Admission, AdmittedCall
 from layergrad_server.config import ServerConfig
 from layergrad_server.errors import FailedPrecondition, ResultTooLarge
@@ -207,6 +207,38 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
                 result = model.predict(batch, tuple(request.layers), dtype, checkpoint=call.checkpoint)
             return convert.predict_response(result, request.float16_scaling)
 
+    def Explain(  # noqa: N802
+        self, request: pb.ExplainRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.ExplainResponse]:
+        """Yields the maps of an explanation in chunks (see ``explain_rpc.frames``): one admitted call
+        whose size is every backward pass it takes."""
+        model = self._model(request)
+        # Options are checked before admission: a bad one is refused at once, whatever the load.
+        method = explain_rpc.method_from_proto(request)
+        score_layer = explain.check_method(model, method, request.score_layer)
+        classes = np.asarray(request.targets.classes, dtype=np.int64) if request.targets.classes else None
+        rows = explain.check_targets(model, score_layer, classes, request.targets.top_k, len(request.inputs))
+        explain.check_passes(rows, method)
+        record = getattr(context, "record", None)
+        with self._admission.enter(
+            explain_rpc.cost_kind(request),
+            explain_rpc.passes_of(request),
+            _deadline(context),
+            context.is_active,
+            on_computed=None if record is None else record.admitted,
+        ) as call:
+            query = explain_rpc.query_from_proto(
+                request, model.adapter, self._config.image_limits, self._config.max_batch_size
+            )
+            plan = explain.plan(model, query)
+            with call.computing():
+                result = explain.explain(
+                    model, plan, checkpoint=call.checkpoint, batch_size=self._config.explain_batch_size
+                )
+            for message in explain_rpc.frames(result, self._config.stream_chunk_bytes):
+                call.checkpoint()  # stop sending once the caller is gone
+                yield message
+
     def GetModelInfo(  # noqa: N802
         self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext
     ) -> pb.GetModelInfoResponse:
@@ -240,13 +272,11 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         context: grpc.ServicerContext,
     ) -> contextlib.AbstractContextManager[AdmittedCall]:
         """A place among the admitted calls (before decoding anything), or a refusal."""
-        remaining = context.time_remaining()
-        deadline = None if remaining is None or remaining > _NO_DEADLINE else time.monotonic() + remaining
         record = getattr(context, "record", None)
         return self._admission.enter(
             kind,
             len(request.inputs),
-            deadline,
+            _deadline(context),
             context.is_active,
             on_computed=None if record is None else record.admitted,
         )
@@ -307,6 +337,12 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             stream_chunk_bytes=self._config.stream_chunk_bytes,
             max_batch_size=self._config.max_batch_size,
         )
+
+
+def _deadline(context: grpc.ServicerContext) -> float | None:
+    """The call's deadline in ``time.monotonic()`` seconds, or None without one."""
+    remaining = context.time_remaining()
+    return None if remaining is None or remaining > _NO_DEADLINE else time.monotonic() + remaining
 
 
 def cost_kind(request: GradientsRequest | pb.PredictRequest) -> str:

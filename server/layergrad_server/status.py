@@ -123,6 +123,8 @@ def required_scopes(method: str, request: Any) -> set[str]:
     """The token scopes a GradientService call needs (see ``auth``)."""
     if method == "Predict":
         return {auth.PREDICT}
+    if method == "Explain":  # every attribution map is computed from input or layer gradients
+        return {auth.INPUT_GRADIENTS}
     if method in ("ComputeGradients", "StreamGradients", "ExportGradients"):
         targets = request.targets
         return auth.gradient_scopes(

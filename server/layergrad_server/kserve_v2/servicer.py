@@ -17,7 +17,7 @@ from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
 
 from layergrad_server import __version__, engine
 from layergrad_server._gen.inference import grpc_predict_v2_pb2 as v2
-from layergrad_server.errors import FailedPrecondition, ResultTooLarge, Unavailable
+from layergrad_server.errors import FailedPrecondition, OutOfRange, ResultTooLarge, Unavailable
 from layergrad_server.kserve_v2 import convert
 from layergrad_server.registry import ModelEntry
 from layergrad_server.servicer import GradientServicer
@@ -160,6 +160,14 @@ class InferenceServicer:
         call = self.equivalent(request)
         try:
             answer = self._v1[call.method](call.request, context)
+        except OutOfRange as error:  # FLOAT16 unscaled (v2 has no field for a scale)
+            raise OutOfRange(
+                f"{error.message.split('; nothing was sent')[0]}; nothing was sent: KServe v2 outputs "
+                "carry no scale, so FP16 is never scaled: ask for BF16 (float32's range in half the "
+                "bytes) or FP32",
+                reason=error.reason,
+                metadata=error.metadata,
+            ) from None
         except ResultTooLarge as error:
             raise ResultTooLarge(
                 f"{error.message.split(';')[0]}; ModelInfer answers in one message: ask for fewer outputs "

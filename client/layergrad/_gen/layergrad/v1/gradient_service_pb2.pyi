@@ -41,6 +41,44 @@ class ModelState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODEL_STATE_LOADING: _ClassVar[ModelState]
     MODEL_STATE_READY: _ClassVar[ModelState]
     MODEL_STATE_FAILED: _ClassVar[ModelState]
+
+class SmoothGradVariant(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SMOOTH_GRAD_VARIANT_UNSPECIFIED: _ClassVar[SmoothGradVariant]
+    SMOOTH_GRAD_VARIANT_SMOOTHGRAD: _ClassVar[SmoothGradVariant]
+    SMOOTH_GRAD_VARIANT_SQUARED: _ClassVar[SmoothGradVariant]
+    SMOOTH_GRAD_VARIANT_VARGRAD: _ClassVar[SmoothGradVariant]
+
+class Baseline(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BASELINE_UNSPECIFIED: _ClassVar[Baseline]
+    BASELINE_MEAN: _ClassVar[Baseline]
+    BASELINE_BLACK: _ClassVar[Baseline]
+    BASELINE_NOISE: _ClassVar[Baseline]
+    BASELINE_BLUR: _ClassVar[Baseline]
+    BASELINE_TENSOR: _ClassVar[Baseline]
+
+class IntegrationRule(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    INTEGRATION_RULE_UNSPECIFIED: _ClassVar[IntegrationRule]
+    INTEGRATION_RULE_RIEMANN_LEFT: _ClassVar[IntegrationRule]
+    INTEGRATION_RULE_RIEMANN_RIGHT: _ClassVar[IntegrationRule]
+    INTEGRATION_RULE_RIEMANN_MIDDLE: _ClassVar[IntegrationRule]
+    INTEGRATION_RULE_TRAPEZOID: _ClassVar[IntegrationRule]
+    INTEGRATION_RULE_GAUSS_LEGENDRE: _ClassVar[IntegrationRule]
+
+class CamRelu(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CAM_RELU_UNSPECIFIED: _ClassVar[CamRelu]
+    CAM_RELU_BEFORE_UPSAMPLING: _ClassVar[CamRelu]
+    CAM_RELU_AFTER_UPSAMPLING: _ClassVar[CamRelu]
+    CAM_RELU_NONE: _ClassVar[CamRelu]
+
+class Upsampling(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    UPSAMPLING_UNSPECIFIED: _ClassVar[Upsampling]
+    UPSAMPLING_BILINEAR: _ClassVar[Upsampling]
+    UPSAMPLING_NEAREST: _ClassVar[Upsampling]
 DATA_TYPE_UNSPECIFIED: DataType
 DATA_TYPE_FLOAT32: DataType
 DATA_TYPE_FLOAT16: DataType
@@ -63,6 +101,29 @@ MODEL_STATE_UNSPECIFIED: ModelState
 MODEL_STATE_LOADING: ModelState
 MODEL_STATE_READY: ModelState
 MODEL_STATE_FAILED: ModelState
+SMOOTH_GRAD_VARIANT_UNSPECIFIED: SmoothGradVariant
+SMOOTH_GRAD_VARIANT_SMOOTHGRAD: SmoothGradVariant
+SMOOTH_GRAD_VARIANT_SQUARED: SmoothGradVariant
+SMOOTH_GRAD_VARIANT_VARGRAD: SmoothGradVariant
+BASELINE_UNSPECIFIED: Baseline
+BASELINE_MEAN: Baseline
+BASELINE_BLACK: Baseline
+BASELINE_NOISE: Baseline
+BASELINE_BLUR: Baseline
+BASELINE_TENSOR: Baseline
+INTEGRATION_RULE_UNSPECIFIED: IntegrationRule
+INTEGRATION_RULE_RIEMANN_LEFT: IntegrationRule
+INTEGRATION_RULE_RIEMANN_RIGHT: IntegrationRule
+INTEGRATION_RULE_RIEMANN_MIDDLE: IntegrationRule
+INTEGRATION_RULE_TRAPEZOID: IntegrationRule
+INTEGRATION_RULE_GAUSS_LEGENDRE: IntegrationRule
+CAM_RELU_UNSPECIFIED: CamRelu
+CAM_RELU_BEFORE_UPSAMPLING: CamRelu
+CAM_RELU_AFTER_UPSAMPLING: CamRelu
+CAM_RELU_NONE: CamRelu
+UPSAMPLING_UNSPECIFIED: Upsampling
+UPSAMPLING_BILINEAR: Upsampling
+UPSAMPLING_NEAREST: Upsampling
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data", "scale_exponent")
@@ -446,3 +507,143 @@ class ListModelsResponse(_message.Message):
     models: _containers.RepeatedCompositeFieldContainer[ModelStatus]
     default_model: str
     def __init__(self, models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ..., default_model: _Optional[str] = ...) -> None: ...
+
+class SaliencyOptions(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GradientTimesInputOptions(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SmoothGradOptions(_message.Message):
+    __slots__ = ("samples", "noise_level", "seed", "variant", "unbiased_variance")
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    NOISE_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    UNBIASED_VARIANCE_FIELD_NUMBER: _ClassVar[int]
+    samples: int
+    noise_level: float
+    seed: int
+    variant: SmoothGradVariant
+    unbiased_variance: bool
+    def __init__(self, samples: _Optional[int] = ..., noise_level: _Optional[float] = ..., seed: _Optional[int] = ..., variant: _Optional[_Union[SmoothGradVariant, str]] = ..., unbiased_variance: _Optional[bool] = ...) -> None: ...
+
+class IntegratedGradientsOptions(_message.Message):
+    __slots__ = ("steps", "rule", "baseline", "baseline_tensor", "seed", "blur_sigma")
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_TENSOR_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    BLUR_SIGMA_FIELD_NUMBER: _ClassVar[int]
+    steps: int
+    rule: IntegrationRule
+    baseline: Baseline
+    baseline_tensor: Tensor
+    seed: int
+    blur_sigma: float
+    def __init__(self, steps: _Optional[int] = ..., rule: _Optional[_Union[IntegrationRule, str]] = ..., baseline: _Optional[_Union[Baseline, str]] = ..., baseline_tensor: _Optional[_Union[Tensor, _Mapping]] = ..., seed: _Optional[int] = ..., blur_sigma: _Optional[float] = ...) -> None: ...
+
+class GradCamOptions(_message.Message):
+    __slots__ = ("layer", "plus_plus", "relu", "upsampling", "align_corners")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    PLUS_PLUS_FIELD_NUMBER: _ClassVar[int]
+    RELU_FIELD_NUMBER: _ClassVar[int]
+    UPSAMPLING_FIELD_NUMBER: _ClassVar[int]
+    ALIGN_CORNERS_FIELD_NUMBER: _ClassVar[int]
+    layer: str
+    plus_plus: bool
+    relu: CamRelu
+    upsampling: Upsampling
+    align_corners: bool
+    def __init__(self, layer: _Optional[str] = ..., plus_plus: _Optional[bool] = ..., relu: _Optional[_Union[CamRelu, str]] = ..., upsampling: _Optional[_Union[Upsampling, str]] = ..., align_corners: _Optional[bool] = ...) -> None: ...
+
+class GuidedBackpropOptions(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GuidedGradCamOptions(_message.Message):
+    __slots__ = ("cam",)
+    CAM_FIELD_NUMBER: _ClassVar[int]
+    cam: GradCamOptions
+    def __init__(self, cam: _Optional[_Union[GradCamOptions, _Mapping]] = ...) -> None: ...
+
+class ExplainTargets(_message.Message):
+    __slots__ = ("classes", "top_k")
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    classes: _containers.RepeatedScalarFieldContainer[int]
+    top_k: int
+    def __init__(self, classes: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ...) -> None: ...
+
+class ExplainRequest(_message.Message):
+    __slots__ = ("inputs", "saliency", "gradient_x_input", "smoothgrad", "integrated_gradients", "gradcam", "guided_backprop", "guided_gradcam", "targets", "score_layer", "output_dtype", "model", "model_version")
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    SALIENCY_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_X_INPUT_FIELD_NUMBER: _ClassVar[int]
+    SMOOTHGRAD_FIELD_NUMBER: _ClassVar[int]
+    INTEGRATED_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    GRADCAM_FIELD_NUMBER: _ClassVar[int]
+    GUIDED_BACKPROP_FIELD_NUMBER: _ClassVar[int]
+    GUIDED_GRADCAM_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    SCORE_LAYER_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    inputs: _containers.RepeatedCompositeFieldContainer[Input]
+    saliency: SaliencyOptions
+    gradient_x_input: GradientTimesInputOptions
+    smoothgrad: SmoothGradOptions
+    integrated_gradients: IntegratedGradientsOptions
+    gradcam: GradCamOptions
+    guided_backprop: GuidedBackpropOptions
+    guided_gradcam: GuidedGradCamOptions
+    targets: ExplainTargets
+    score_layer: str
+    output_dtype: DataType
+    model: str
+    model_version: str
+    def __init__(self, inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., saliency: _Optional[_Union[SaliencyOptions, _Mapping]] = ..., gradient_x_input: _Optional[_Union[GradientTimesInputOptions, _Mapping]] = ..., smoothgrad: _Optional[_Union[SmoothGradOptions, _Mapping]] = ..., integrated_gradients: _Optional[_Union[IntegratedGradientsOptions, _Mapping]] = ..., gradcam: _Optional[_Union[GradCamOptions, _Mapping]] = ..., guided_backprop: _Optional[_Union[GuidedBackpropOptions, _Mapping]] = ..., guided_gradcam: _Optional[_Union[GuidedGradCamOptions, _Mapping]] = ..., targets: _Optional[_Union[ExplainTargets, _Mapping]] = ..., score_layer: _Optional[str] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class ExplainedTarget(_message.Message):
+    __slots__ = ("input", "class_index", "class_name", "score", "baseline_score", "delta")
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    CLASS_INDEX_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_SCORE_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    input: int
+    class_index: int
+    class_name: str
+    score: float
+    baseline_score: float
+    delta: float
+    def __init__(self, input: _Optional[int] = ..., class_index: _Optional[int] = ..., class_name: _Optional[str] = ..., score: _Optional[float] = ..., baseline_score: _Optional[float] = ..., delta: _Optional[float] = ...) -> None: ...
+
+class ExplainResponse(_message.Message):
+    __slots__ = ("name", "dtype", "shape", "offset", "data", "row", "method", "score_layer", "layer", "targets")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    ROW_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    SCORE_LAYER_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: DataType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    offset: int
+    data: bytes
+    row: int
+    method: str
+    score_layer: str
+    layer: str
+    targets: _containers.RepeatedCompositeFieldContainer[ExplainedTarget]
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., row: _Optional[int] = ..., method: _Optional[str] = ..., score_layer: _Optional[str] = ..., layer: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[ExplainedTarget, _Mapping]]] = ...) -> None: ...

@@ -79,6 +79,11 @@ class GradientServiceStub:
                 request_serializer=layergrad_dot_v1_dot_gradient__service__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=layergrad_dot_v1_dot_gradient__service__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.Explain = channel.unary_stream(
+                '/layergrad.v1.GradientService/Explain',
+                request_serializer=layergrad_dot_v1_dot_gradient__service__pb2.ExplainRequest.SerializeToString,
+                response_deserializer=layergrad_dot_v1_dot_gradient__service__pb2.ExplainResponse.FromString,
+                _registered_method=True)
 
 
 class GradientServiceServicer:
@@ -196,6 +201,20 @@ class GradientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Explain(self, request, context):
+        """Computes an attribution map (saliency, gradient x input, SmoothGrad,
+        Integrated Gradients, Grad-CAM, guided backpropagation) for each target
+        from the model's raw gradients, and streams the maps as chunks of at most
+        GetModelInfoResponse.stream_chunk_bytes bytes each, like StreamGradients.
+        One admitted call whatever the number of samples or steps: computed in
+        internal batches of at most max_batch_size passes, cancellable between
+        them. Needs the input-gradients token scope. Conventions:
+        docs/explanations.md.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GradientServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -228,6 +247,11 @@ def add_GradientServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=layergrad_dot_v1_dot_gradient__service__pb2.ListModelsRequest.FromString,
                     response_serializer=layergrad_dot_v1_dot_gradient__service__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'Explain': grpc.unary_stream_rpc_method_handler(
+                    servicer.Explain,
+                    request_deserializer=layergrad_dot_v1_dot_gradient__service__pb2.ExplainRequest.FromString,
+                    response_serializer=layergrad_dot_v1_dot_gradient__service__pb2.ExplainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -406,6 +430,33 @@ class GradientService:
             '/layergrad.v1.GradientService/ListModels',
             layergrad_dot_v1_dot_gradient__service__pb2.ListModelsRequest.SerializeToString,
             layergrad_dot_v1_dot_gradient__service__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Explain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/layergrad.v1.GradientService/Explain',
+            layergrad_dot_v1_dot_gradient__service__pb2.ExplainRequest.SerializeToString,
+            layergrad_dot_v1_dot_gradient__service__pb2.ExplainResponse.FromString,
             options,
             channel_credentials,
             insecure,
