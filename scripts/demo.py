@@ -48,7 +48,11 @@ def main(server_args: list[str]) -> int:
 
             probs = client.predict([image], layers=["prob"])["prob"][0]
             top = np.argsort(-probs)[:5]
-            print("Predict: top-5 classes " + ", ".join(f"{c} ({probs[c]:.3f})" for c in top) + "\n")
+            print(
+                "Predict: top-5 classes "
+                + ", ".join(f"{c} {info.class_name(int(c))!r} ({probs[c]:.3f})" for c in top)
+                + "\n"
+            )
 
             loss = layergrad.ClassScore("fc8", [int(top[0])])
             started = time.perf_counter()

@@ -10,11 +10,14 @@ is also shown to reject a broken copy.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -105,8 +108,30 @@ def server_option_strings() -> set[str]:
 
 
 def parse_server_args(args: list[str]) -> server_config.ServerConfig:
-    """The server's own parser and checks on a container's args; SystemExit on anything it refuses."""
+    """The server's own parser and checks on a container's args; SystemExit on anything it refuses.
+
+    The pod's /models is the checked-in ConfigMap's files, laid out as the pod mounts them."""
+    args = list(args)
+    if "--model-repository" in args and args[args.index("--model-repository") + 1] == "/models":
+        args[args.index("--model-repository") + 1] = str(mounted_models())
     return server_config.from_args(server_config.build_parser().parse_args(args))
+
+
+@functools.cache
+def mounted_models() -> Path:
+    """The checked-in models ConfigMap written as the Deployment mounts it at /models."""
+    objects = kubernetes_objects(KUBERNETES)
+    (volume,) = [
+        v for v in one(objects, "Deployment")["spec"]["template"]["spec"]["volumes"] if v["name"] == "models"
+    ]
+    data = one(objects, "ConfigMap")["data"]
+    root = Path(tempfile.mkdtemp(prefix="layergrad-models-"))
+    atexit.register(shutil.rmtree, root, True)
+    for item in volume["configMap"]["items"]:
+        path = root / item["path"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(data[item["key"]])
+    return root
 
 
 def command_line(container: Manifest) -> list[str]:
@@ -216,11 +241,14 @@ def pod_problems(pod_spec: Manifest) -> list[str]:
         return [*problems, f"{fetchers[0]['name']}: `weights fetch` without --cache-dir"]
     fetched = str(fetch.cache_dir / store.PRETRAINED_NPZ_NAME)
     try:
-        served = parse_server_args(command_line(server)[1:]).weights
+        config = parse_server_args(command_line(server)[1:])
     except SystemExit:
         return problems  # reported above
+    served = next((m.weights for m in config.models if m.default), config.weights)
     if served != fetched:
-        problems.append(f"{server['name']}: --weights {served} is not the fetched {fetched}")
+        problems.append(
+            f"{server['name']}: the default model's weights {served} is not the fetched {fetched}"
+        )
     into, read = mount_of(fetchers[0], fetched), mount_of(server, fetched)
     if into is None or read is None or into["name"] != read["name"]:
         problems.append(f"pod: {fetched} is not on a volume both the init container and the server mount")
@@ -289,6 +317,7 @@ def test_kubernetes_validate_cli_strict_passes_every_manifest() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     kinds = {o["kind"] for o in kubernetes_objects(KUBERNETES)}
     assert kinds == {
+        "ConfigMap",
         "Deployment",
         "Service",
         "HorizontalPodAutoscaler",
@@ -318,11 +347,13 @@ def test_kserve_and_kubernetes_pods_serve_alike() -> None:
 @pytest.fixture(scope="module")
 def manifest_server(weights_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """A real server started with the Deployment's args (random weights, a free loopback port)."""
-    container = one(kubernetes_objects(KUBERNETES), "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    objects = kubernetes_objects(KUBERNETES)
+    container = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
     args = command_line(container)[1:]
+    repository = model_repository(objects, tmp_path_factory.mktemp("models"), weights_file)
     local = (
         ("--address", "127.0.0.1:0"),
-        ("--weights", str(weights_file)),
+        ("--model-repository", str(repository)),
         ("--metrics-address", "127.0.0.1:0"),
     )
     for flag, value in local:
@@ -331,6 +362,33 @@ def manifest_server(weights_file: Path, tmp_path_factory: pytest.TempPathFactory
     with ServerProcess(args, log) as server:
         server.wait_serving()
         yield server
+
+
+def model_repository(objects: list[Manifest], root: Path, weights_file: Path) -> Path:
+    """The Deployment's /models as files: the ConfigMap's keys at their mounted paths, each model's
+    weights path pointed at the tests' random weights."""
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "models"]
+    config_map = one(objects, "ConfigMap")
+    assert volume["configMap"]["name"] == config_map["metadata"]["name"]
+    items = volume["configMap"]["items"]
+    assert sorted(i["key"] for i in items) == sorted(config_map["data"]), "every model is mounted"
+    for item in items:
+        model = yaml.safe_load(config_map["data"][item["key"]])
+        assert model["weights"].startswith("/weights/"), "weights come from the init container's volume"
+        model["weights"] = str(weights_file)
+        path = root / item["path"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(model))
+    return root
+
+
+def test_models_configmap_is_a_model_repository(tmp_path: Path, weights_file: Path) -> None:
+    from layergrad_server.models.repository import read_repository
+
+    root = model_repository(kubernetes_objects(KUBERNETES), tmp_path, weights_file)
+    models = read_repository(root)
+    assert [(m.name, m.architecture, m.default) for m in models] == [("vgg16", "vgg16", True)]
 
 
 def test_server_started_with_the_manifest_args_answers_every_probe(manifest_server: ServerProcess) -> None:
@@ -354,6 +412,11 @@ def edit_yaml(path: Path, kind: str, change: Callable[[Manifest], None]) -> None
 
 def server_container(deployment: Manifest) -> Manifest:
     return deployment["spec"]["template"]["spec"]["containers"][0]
+
+
+def set_command_arg(container: Manifest, flag: str, value: str) -> None:
+    command = container["command"]
+    command[command.index(flag) + 1] = value
 
 
 def set_arg(container: Manifest, flag: str, value: str) -> None:
@@ -420,7 +483,7 @@ BREAKAGES: dict[str, tuple[str, str, Callable[[Manifest], None], str]] = {
     "weights fetched elsewhere": (
         "kubernetes/deployment.yaml",
         "Deployment",
-        lambda d: set_arg(server_container(d), "--weights", "/data/vgg16.npz"),
+        lambda d: set_command_arg(d["spec"]["template"]["spec"]["initContainers"][0], "--cache-dir", "/data"),
         "is not the fetched",
     ),
     "misspelt field": (
