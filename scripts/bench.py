@@ -59,6 +59,8 @@ from layergrad_server.weights.convert import VGG16_LAYOUT  # noqa: E402
 
 SEED = 0
 CLASS = 7
+# Batch sizes of the input-gradient rows besides batch 1.
+BATCHES = (2, 4)
 # Two workers, one BLAS thread each (the CPUs split between them), each call to the least-loaded one.
 WORKERS_ARGS = ("--workers", "2", "--blas-threads", "1")
 DEFAULT_OUT = ROOT / "bench-results" / "bench.json"
@@ -449,7 +451,8 @@ class InProcess:
         self.classes = np.array([CLASS], dtype=np.int32)
 
     def _class_score(self, acts: dict[str, Any]) -> Any:
-        return self.F.sum(self.F.select_item(acts["fc8"], self.classes))
+        classes = np.full(len(acts["fc8"]), CLASS, dtype=np.int32)  # one per input of the batch
+        return self.F.sum(self.F.select_item(acts["fc8"], classes))
 
     def input_gradient(self, x: np.ndarray) -> np.ndarray:
         """``chainer.grad([loss], [x])``."""
@@ -560,16 +563,23 @@ class StreamProbe:
 
 
 def download_runs(
-    probe: StreamProbe, fn: Callable[[], dict[str, np.ndarray]], repeat: int, warmup: int
+    probe: StreamProbe,
+    fn: Callable[[], dict[str, np.ndarray]],
+    repeat: int,
+    warmup: int,
+    wire_itemsize: int = 4,
 ) -> dict[str, Any]:
-    """Repeated full parameter-gradient downloads: medians of total and post-first-message time."""
+    """Repeated full parameter-gradient downloads: medians of total and post-first-message time.
+
+    ``wire_itemsize``: bytes per element on the wire (2 for float16 and bfloat16, which the
+    SDK hands back as float32)."""
     nbytes = 0
     for _ in range(warmup):
-        nbytes = sum(a.nbytes for a in fn().values())
+        nbytes = sum(a.size for a in fn().values()) * wire_itemsize
     runs = []
     for _ in range(repeat):
         run = probe.call(fn)
-        nbytes = sum(a.nbytes for a in run.pop("value").values())
+        nbytes = sum(a.size for a in run.pop("value").values()) * wire_itemsize
         runs.append(run)
     return summarize_download(runs, nbytes)
 
@@ -588,6 +598,219 @@ def summarize_download(runs: list[dict[str, Any]], nbytes: int) -> dict[str, Any
         "transfer_bytes_per_s": nbytes / median(after) if after else math.nan,
         "messages": runs[-1]["messages"] if runs else 0,
     }
+
+
+# ---- reduced-precision output ----------------------------------------------------------
+
+# The cases on which float16 output used to lose values silently: (label, loss, targets, tensor).
+PRECISION_CASES = (
+    (
+        "input gradient of SumOfSquares(prob)",
+        layergrad.SumOfSquares("prob"),
+        {"pattern": "backward", "input": True},
+        "input",
+    ),
+    (
+        "conv1_1/W gradient of SumOfSquares(conv1_2)",
+        layergrad.SumOfSquares("conv1_2"),
+        {"pattern": "backward", "parameters": ["conv1_1/W"]},
+        "conv1_1/W",
+    ),
+)
+# Bound on the relative L2 error of each output type: half an ulp at 8 and 11 significant bits.
+PRECISION_BOUNDS = {"bfloat16": 2.0**-8, "float16": 2.0**-11}
+
+
+def precision_error(values: np.ndarray, full: np.ndarray) -> dict[str, Any]:
+    """How ``values`` differ from the float32 ``full``: relative L2 error, the largest relative error
+    of one element, and the values lost (finite -> infinite, non-zero -> zero)."""
+    nonzero = full != 0
+    with np.errstate(invalid="ignore", over="ignore"):
+        element = np.abs(values.astype(np.float64) - full) / np.abs(np.where(nonzero, full, 1.0))
+        return {
+            "rel_l2": rel_l2_diff(values, full) if np.isfinite(values).all() else math.inf,
+            "max_rel_element": float(element[nonzero & np.isfinite(values)].max(initial=0.0)),
+            "became_inf": int(np.count_nonzero(np.isinf(values) & np.isfinite(full))),
+            "became_zero": int(np.count_nonzero((values == 0) & nonzero)),
+            "nonzero": int(np.count_nonzero(nonzero)),
+        }
+
+
+def precision_report(address: str, x: np.ndarray, repeat: int) -> dict[str, Any]:
+    """Per case and output type, the error against float32 through the SDK (stream, unary) and what
+    a client that does not ask for float16 scaling gets; then conversion speeds."""
+    from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
+    from layergrad._gen.layergrad.v1 import gradient_service_pb2_grpc as pb_grpc
+
+    cases = []
+    with layergrad.Client(address, timeout=600) as client, grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.GradientServiceStub(channel)
+        for label, loss, targets, name in PRECISION_CASES:
+
+            def get(call: Callable[..., Any], dtype: str, loss: Any = loss, targets: Any = targets) -> Any:
+                result = call(x, loss, dtype=dtype, **targets)
+                return result.input if result.input is not None else next(iter(result.parameters.values()))
+
+            full = get(client.gradients, "float32")
+            with np.errstate(over="ignore"):
+                plain = full.astype(np.float16).astype(np.float32)
+            entry: dict[str, Any] = {
+                "label": label,
+                "tensor": name,
+                "float16 unscaled (cast)": precision_error(plain, full),
+            }
+            for dtype in ("bfloat16", "float16"):
+                streamed = get(client.gradients, dtype)
+                unary = get(client.compute_gradients_unary, dtype)
+                entry[dtype] = {
+                    **precision_error(streamed, full),
+                    "unary_equal": bool(np.array_equal(streamed, unary)),
+                }
+            request = pb.ComputeGradientsRequest(
+                inputs=[pb.Input(prepared=layergrad._tensors.to_tensor(x[0]))],
+                loss=loss._to_proto(),
+                pattern=pb.BACKWARD_PATTERN_BACKWARD,
+                targets=pb.GradientTargets(input=True)
+                if name == "input"
+                else pb.GradientTargets(parameters=[name]),
+                output_dtype=pb.DATA_TYPE_FLOAT16,
+            )
+            try:
+                stub.ComputeGradients(request)
+                entry["unscaled_client"] = {"refused": False}
+            except grpc.RpcError as error:
+                info = layergrad.errors.from_grpc_error(error).error_info
+                entry["unscaled_client"] = {
+                    "refused": True,
+                    "code": error.code().name,
+                    "reason": info.reason if info else None,
+                    "metadata": dict(info.metadata) if info else {},
+                }
+            cases.append(entry)
+    return {"cases": cases, "conversion": conversion_speed(repeat)}
+
+
+def conversion_speed(repeat: int, count: int = 1 << 24) -> dict[str, Any]:
+    """MB/s of float32 converted, on one array of ``count`` gradient-like values (64 MB): the
+    server's encoding (with its overflow/underflow counts) and the SDK's decoding, per type."""
+    from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
+    from layergrad._tensors import decode_into
+    from layergrad_server import precision
+
+    values = (np.random.default_rng(SEED).standard_normal(count) * 1e-6).astype(np.float32)
+    out = np.empty_like(values)
+    mb = values.nbytes / 1e6
+
+    def speed(fn: Callable[[], Any]) -> float:
+        fn()
+        return mb / median([timed(fn)[0] for _ in range(max(repeat, 3))])
+
+    with np.errstate(over="ignore"):
+        rows = {
+            "float16 cast (numpy astype, no checks)": {"encode": speed(lambda: values.astype(np.float16))},
+        }
+    for dtype, wire, scaling in (
+        ("bfloat16", precision.BFLOAT16, False),
+        ("float16", precision.FLOAT16, True),
+    ):
+        encoded = precision.encode(values, wire, scaling=scaling)
+        enum = pb.DATA_TYPE_BFLOAT16 if dtype == "bfloat16" else pb.DATA_TYPE_FLOAT16
+        rows[dtype] = {
+            "encode": speed(
+                lambda wire=wire, scaling=scaling: precision.encode(values, wire, scaling=scaling)
+            ),
+            "decode": speed(lambda e=encoded, enum=enum: decode_into(e.data, enum, e.exponent, out)),
+            "exponent": encoded.exponent,
+        }
+    return {"float32_mb": mb, "rows": rows}
+
+
+def precision_lines(p: dict[str, Any]) -> list[str]:
+    lines = ["reduced-precision output, error against float32 through the SDK (stream; unary identical):"]
+    for case in p["cases"]:
+        lines.append(f"  {case['label']} ({case['float16 unscaled (cast)']['nonzero']} non-zero values):")
+        for key in ("float16 unscaled (cast)", "bfloat16", "float16"):
+            e = case[key]
+            same = (
+                "" if key.startswith("float16 unscaled") else ("" if e["unary_equal"] else "  UNARY DIFFERS")
+            )
+            lines.append(
+                f"    {key:<24} rel L2 {e['rel_l2']:.3g}, worst element {e['max_rel_element']:.3g}, "
+                f"lost {e['became_inf']} to inf and {e['became_zero']} to zero{same}"
+            )
+        old = case["unscaled_client"]
+        if old["refused"]:
+            meta = old["metadata"]
+            lines.append(
+                f"    float16 without float16_scaling: refused {old['code']} {old['reason']} "
+                f"(overflow {meta.get('overflow')}, underflow {meta.get('underflow')})"
+            )
+        else:
+            lines.append("    float16 without float16_scaling: served unscaled (no value lost)")
+    c = p["conversion"]
+    lines.append(f"  conversion speed, MB/s of float32 ({c['float32_mb']:.0f} MB of gradient-like values):")
+    for name, row in c["rows"].items():
+        parts = [f"server encode {row['encode']:.0f}"]
+        if "decode" in row:
+            parts.append(f"SDK decode {row['decode']:.0f}")
+        lines.append(f"    {name}: " + ", ".join(parts))
+    return lines
+
+
+def precision_targets(p: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for dtype, bound in PRECISION_BOUNDS.items():
+        errors = [case[dtype] for case in p["cases"]]
+        worst = max(e["rel_l2"] for e in errors)
+        lost = sum(e["became_inf"] + e["became_zero"] for e in errors)
+        met = worst <= bound and lost == 0 and all(e["unary_equal"] for e in errors)
+        out.append(
+            {
+                "target": f"{dtype} output: no value lost, rel L2 <= 2**{int(math.log2(bound))} on the cases",
+                "value": worst,
+                "limit": bound,
+                "met": met,
+                "shown": f"worst rel L2 {worst:.3g}, {lost} values lost",
+            }
+        )
+    refused = all(case["unscaled_client"]["refused"] for case in p["cases"])
+    out.append(
+        {
+            "target": "float16 without float16_scaling: refused with counts, not values lost",
+            "value": float(refused),
+            "limit": 1.0,
+            "met": refused,
+            "shown": "refused on both cases" if refused else "served",
+        }
+    )
+    return out
+
+
+def precision_only(args: argparse.Namespace) -> int:
+    """``--precision-only``: the reduced-precision rows alone, on a server of their own."""
+    load_chainer()
+    from layergrad_server.engine import random_weights_npz
+
+    with tempfile.TemporaryDirectory(prefix="layergrad-bench-") as tmp_name:
+        tmp = pathlib.Path(tmp_name)
+        weights = tmp / f"vgg16-random-{SEED}.npz"
+        weights.write_bytes(random_weights_npz(SEED).getvalue())
+        server = Server(weights, tmp / "server.log")
+        try:
+            server.wait_serving()
+            p = precision_report(server.address, prepared_input(), args.repeat)
+        finally:
+            server.stop()
+    text = "\n".join([*precision_lines(p), "", "targets:"])
+    text += "".join(
+        f"\n  [{'met' if t['met'] else 'NOT met'}] {t['target']}: {t['shown']}" for t in precision_targets(p)
+    )
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps(_finite({"precision": p, "table": text}), indent=2, default=_json_default) + "\n"
+    )
+    return 0
 
 
 # ---- child processes: SDK-only client memory, and PyTorch ----------------------------
@@ -1014,6 +1237,18 @@ def body(
         server.address, client, x, score, args.input_repeat, warmup
     )
 
+    # Batches: the same image, slightly varied per input; time per image against batch 1.
+    for batch in BATCHES:
+        xb = np.concatenate([x * np.float32(1 + 0.01 * i) for i in range(batch)])
+        scores = layergrad.ClassScore("fc8", [CLASS] * batch)
+        case(
+            f"input_gradient_batch_{batch}",
+            f"input gradient, batch {batch} (GRAD)",
+            lambda xb=xb: inproc.input_gradient(xb),
+            lambda xb=xb, scores=scores: client.input_gradient(xb, scores),
+            lambda a, b: max_rel_diff({"g": b}, {"g": a}),
+        )
+
     # Stock Chainer (without layergrad's CPU kernels) on the same input, pairs with the fast kernels.
     sections.start("stock_kernels")
     stock_t, fast_t = [], []
@@ -1147,11 +1382,19 @@ def body(
     # float16 download.
     sections.start("download_float16")
     half = download_runs(
-        probe, lambda: probe_client.parameter_gradients(x, xent, "all", dtype="float16"), repeat, warmup
+        probe, lambda: probe_client.parameter_gradients(x, xent, "all", dtype="float16"), repeat, warmup, 2
     )
-    for run in download["runs"] + half["runs"]:
+    sections.start("download_bfloat16")
+    brain = download_runs(
+        probe, lambda: probe_client.parameter_gradients(x, xent, "all", dtype="bfloat16"), repeat, warmup, 2
+    )
+    for run in download["runs"] + half["runs"] + brain["runs"]:
         run.pop("value", None)
-    report["download"] = {"float32": download, "float16": half}
+    report["download"] = {"float32": download, "float16": half, "bfloat16": brain}
+
+    # Reduced-precision output: error against float32 on the cases that lost values, conversion speed.
+    sections.start("precision")
+    report["precision"] = precision_report(server.address, x, repeat)
 
     # Where the transfer time goes: the same conversion code, no network.
     sections.start("breakdown")
@@ -1280,6 +1523,22 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         slower = alone / report["throughput"][0]["latency_median_s"]
         name = f"1 client on {label}: latency <= 1.1x one worker's"
         add(name, slower, 1.1, slower <= 1.1, f"{slower:.2f}x")
+    one = report["cases"]["input_gradient"]
+    for batch in BATCHES:
+        row = report["cases"].get(f"input_gradient_batch_{batch}")
+        if row is None:
+            continue
+        for side in ("in_process", "service"):
+            per_image = row[f"{side}_median_s"] / batch / one[f"{side}_median_s"]
+            add(
+                f"input gradient at batch {batch}, {side.replace('_', '-')}: time per image <= batch 1's",
+                per_image,
+                1.0,
+                per_image <= 1.0,
+                f"{per_image:.2f}x ({row[f'{side}_median_s'] / batch:.3f} s per image)",
+            )
+    if "precision" in report:
+        out += precision_targets(report["precision"])
     return out
 
 
@@ -1387,7 +1646,7 @@ def render(report: dict[str, Any]) -> str:
         else:
             lines.append(f"  ceiling not measured: {ceiling.get('error')}")
     lines += ["", "all-parameter-gradient download through the SDK (StreamGradients):"]
-    for dtype in ("float32", "float16"):
+    for dtype in ("float32", "float16", "bfloat16"):
         d = report["download"][dtype]
         lines.append(
             f"  {dtype}: {fmt_bytes(d['bytes'])} in {d['messages']} messages; "
@@ -1395,7 +1654,7 @@ def render(report: dict[str, Any]) -> str:
             f"rest {d['after_first_message_s_median']:.3f} s); "
             f"{d['end_to_end_bytes_per_s'] / 1e9:.3f} GB/s end to end, "
             f"{d['transfer_bytes_per_s'] / 1e9:.2f} GB/s after first message"
-            + _other_load(report, "parameter_gradients" if dtype == "float32" else "download_float16")
+            + _other_load(report, "parameter_gradients" if dtype == "float32" else f"download_{dtype}")
         )
     b = report["download"]["breakdown"]
     if "error" in b:
@@ -1415,6 +1674,8 @@ def render(report: dict[str, Any]) -> str:
                 f"server {b['bytes'] / b['generated_server_s'] / 1e9:.2f} GB/s, "
                 f"client {b['bytes'] / b['generated_client_s'] / 1e9:.2f} GB/s"
             )
+    if "precision" in report:
+        lines += ["", *precision_lines(report["precision"])]
     cm = report.get("client_memory", {})
     sm = report.get("server_memory", {})
     lines += ["", "peak memory:"]
@@ -1473,6 +1734,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SECONDS",
         help="first wait up to SECONDS for other processes to leave the CPUs idle (default: do not wait)",
     )
+    parser.add_argument(
+        "--precision-only",
+        action="store_true",
+        help="only the reduced-precision rows (error against float32, conversion speed)",
+    )
     parser.add_argument("--_client-memory", nargs=2, metavar=("ADDRESS", "DTYPE"), help=argparse.SUPPRESS)
     parser.add_argument("--_torch", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--_compute-rate", nargs=3, help=argparse.SUPPRESS)
@@ -1495,6 +1761,8 @@ def main(argv: list[str] | None = None) -> int:
         args.model_info_calls = 100 if args.quick else 1000
     if args.repeat < 1 or args.input_repeat < 1 or args.requests < 1 or args.model_info_calls < 1:
         parser.error("--repeat, --requests and --model-info-calls must be positive")
+    if args.precision_only:
+        return precision_only(args)
 
     report = run(args)
     report["targets"] = targets(report)

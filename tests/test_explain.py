@@ -392,7 +392,7 @@ def test_a_call_past_its_deadline_stops_and_the_server_keeps_serving(client):
 def test_an_unknown_model_is_not_found(server):
     with pytest.raises(layergrad.NotFound) as caught:
         _raw_explain(server.address, _request(saliency=pb.SaliencyOptions(), model="resnet9"))
-    assert caught.value.reason == "UNKNOWN_MODEL"
+    assert caught.value.reason == "MODEL_NOT_FOUND"
 
 
 def test_explain_needs_the_input_gradients_scope():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import grpc
 import layergrad
@@ -117,6 +118,12 @@ def test_a_known_set_of_calls_is_logged_once_each_and_counted_exactly(observed):
 
     # One access log line each, with the right fields.
     ids = ["obs-predict-1", "obs-grad-1", "obs-invalid-1", "obs-denied-1", generated, replaced]
+    # A call's line is written once the call is over on the server's side, which can come just
+    # after the caller has its answer: wait for the lines (the server's pace, up to a minute).
+    give_up = time.monotonic() + 60
+    while not set(ids) <= {entry["request_id"] for entry in access_lines(observed)}:
+        assert time.monotonic() < give_up, "access log lines missing"
+        time.sleep(0.05)
     lines = {entry["request_id"]: entry for entry in access_lines(observed)}
     assert [sum(e["request_id"] == i for e in access_lines(observed)) for i in ids] == [1] * 6
     for entry in lines.values():

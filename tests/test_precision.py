@@ -305,6 +305,7 @@ def test_a_client_that_does_not_ask_for_scaling_is_refused_with_counts(stub, sdk
         info = error_info(caught.value)
         assert info.reason == "FLOAT16_OUT_OF_RANGE"
         assert dict(info.metadata) == {
+            "request_id": dict(caught.value.trailing_metadata())["x-request-id"],
             "tensor": name,
             "overflow": str(overflow),
             "underflow": str(underflow),
@@ -347,6 +348,7 @@ def test_counts_of_values_out_of_range_are_exact_and_scaling_cannot_save_a_too_w
     # Scaled by 2**-3 (2**17 <= 2e5 < 2**18) the four values of 1e-8 and below still become zero.
     assert caught.value.reason == "FLOAT16_OUT_OF_RANGE"
     assert dict(caught.value.error_info.metadata) == {
+        "request_id": caught.value.request_id,
         "tensor": "fc8",
         "overflow": "0",
         "underflow": "4",

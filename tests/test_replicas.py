@@ -92,7 +92,7 @@ def test_calls_spread_over_every_replica(replicas: list[ServerProcess]) -> None:
     print(f"\nGetModelInfo answers per replica (by weights.source): {dict(sources)}")
     print(f"Predict calls per replica (channelz, succeeded): {predicts}")
     assert sorted(sources) == sorted(
-        f"npz:{s.log_path.parent}/replica-{i}.npz" for i, s in enumerate(replicas)
+        f"npz:{s.log_path.parent}/replica-{i}.npz (random:0)" for i, s in enumerate(replicas)
     )
     assert all(count > 0 for count in sources.values()) and sum(sources.values()) == 30
     assert all(count > 0 for count in predicts.values()) and sum(predicts.values()) == 30

@@ -68,6 +68,21 @@ def input_gradient_request(seed: int, batch: int = 1) -> pb.ComputeGradientsRequ
     )
 
 
+def wait_computing(server: ServerProcess, count: int, timeout: float = 300.0) -> None:
+    """Waits until ``count`` calls hold a compute slot across the workers (their metrics), so
+    that the next call finds them busy: an event from the server, not a guess of how long."""
+    wait_gauge(server, "layergrad_calls_computing", count, timeout)
+
+
+def wait_gauge(server: ServerProcess, name: str, count: int, timeout: float = 300.0) -> None:
+    """Waits until the workers' gauge ``name`` (summed over them) reaches ``count``."""
+    url = metrics_url(server)
+    deadline = time.monotonic() + timeout
+    while scrape(url).get((name, frozenset()), 0.0) < count:
+        assert time.monotonic() < deadline, f"{name} below {count} after {timeout:.0f}s"
+        time.sleep(0.05)
+
+
 SLOW = 4
 
 
@@ -327,7 +342,7 @@ def test_every_tensor_of_a_full_backward_is_the_plain_servers_on_each_worker_and
             assert computed == worker
             assert messages == wanted, f"worker {worker} differs from the single-process server"
         slow = busy.unary.future(input_gradient_request(5, SLOW), timeout=300)
-        time.sleep(0.3)  # worker 0 computes; the next call arriving there goes to worker 1
+        wait_computing(worker_server, 1)  # worker 0 computes; the next call arriving there goes to worker 1
         messages, computed = on_0.stream(request)
         assert computed == 1
         assert messages == wanted, "the handed-on call differs from the single-process server"
@@ -411,7 +426,7 @@ def test_a_handed_on_call_keeps_its_deadline_and_the_siblings_refusal_reaches_th
     first, second = connections_to(worker_server.address, 0, 2)
     try:
         busy = first.unary.future(input_gradient_request(0, SLOW), timeout=300)
-        time.sleep(0.3)  # worker 0 computes; the next call goes to worker 1
+        wait_computing(worker_server, 1)  # worker 0 computes; the next call goes to worker 1
         with pytest.raises(grpc.RpcError) as caught:
             second.compute(input_gradient_request(1), timeout=0.3)
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -429,9 +444,9 @@ def test_cancelling_a_handed_on_call_stops_it_on_the_sibling(worker_server):
     first, second = connections_to(worker_server.address, 0, 2)
     try:
         busy = first.unary.future(input_gradient_request(0, SLOW), timeout=300)
-        time.sleep(0.3)
+        wait_computing(worker_server, 1)
         handed_on = second.unary.future(input_gradient_request(1, SLOW), timeout=300)
-        time.sleep(1.0)
+        wait_computing(worker_server, 2)
         assert not handed_on.done()
         handed_on.cancel()
         wait_for_log(worker_server, r"\[worker 1\].*caller went away", stopped + 1)
@@ -466,9 +481,9 @@ def test_a_worker_killed_mid_call_is_restarted_and_the_call_is_computed_by_the_o
     first, second = connections_to(worker_server.address, 0, 2)
     try:
         kept = first.unary.future(input_gradient_request(0, SLOW), timeout=300)
-        time.sleep(0.3)
+        wait_computing(worker_server, 1)
         handed_on = second.unary.future(input_gradient_request(1, SLOW), timeout=300)
-        time.sleep(1.0)  # worker 1 computes the handed-on call
+        wait_computing(worker_server, 2)  # worker 1 computes the handed-on call
         os.kill(worker_pid(worker_server, 1), signal.SIGKILL)
         assert kept.result() == wanted[0]
         assert handed_on.result() == wanted[1]
@@ -509,11 +524,12 @@ def test_sigterm_lets_calls_in_flight_finish_then_every_worker_and_the_parent_ex
 
     try:
         kept = first.unary.future(input_gradient_request(0, SLOW), timeout=300)
-        time.sleep(0.3)
+        wait_computing(worker_server, 1)
         handed_on = second.unary.future(input_gradient_request(1, SLOW), timeout=300)
+        wait_computing(worker_server, 2)  # both compute
         thread = threading.Thread(target=big)
         thread.start()
-        time.sleep(1.0)  # the calls compute
+        wait_gauge(worker_server, "layergrad_queue_depth", 1)  # the big call waits for a slot
         worker_server.process.send_signal(signal.SIGTERM)
         thread.join(300)
         assert kept.exception() is None and handed_on.exception() is None
@@ -547,7 +563,7 @@ def test_a_kserve_v2_infer_is_dispatched_like_its_layergrad_v1_call(worker_serve
         response, call = infer.with_call(request, timeout=300)
         assert computed_by(call) == 0 and response.raw_output_contents[0] == wanted
         busy = first.unary.future(input_gradient_request(0, SLOW), timeout=300)
-        time.sleep(0.3)  # worker 0 computes; the next call arriving there goes to worker 1
+        wait_computing(worker_server, 1)  # worker 0 computes; the next call arriving there goes to worker 1
         response, call = infer.with_call(request, timeout=300)
         assert computed_by(call) == 1 and response.raw_output_contents[0] == wanted
         assert computed_by(busy) == 0 and busy.exception() is None

@@ -318,7 +318,7 @@ def encode_outputs(
 
 
 def _out_of_range(refused: list[tuple[engine.ResultTensor, precision.Fit]], scaling: bool) -> OutOfRange:
-    tensor, encoded = refused[0]
+    tensor, how = refused[0]
     bfloat16 = tensor.output_dtype == precision.BFLOAT16
     name = "BFLOAT16" if bfloat16 else "FLOAT16"
     if bfloat16:
@@ -332,15 +332,15 @@ def _out_of_range(refused: list[tuple[engine.ResultTensor, precision.Fit]], scal
         advice = "set float16_scaling to have each tensor scaled into range, or ask for BFLOAT16 or FLOAT32"
     others = f" (and {len(refused) - 1} more tensors)" if len(refused) > 1 else ""
     return OutOfRange(
-        f"{name} output would lose values: {tensor.name!r}{others} has {encoded.overflow} finite values "
-        f"that would become infinite and {encoded.underflow} non-zero values that would become zero; "
+        f"{name} output would lose values: {tensor.name!r}{others} has {how.overflow} finite values "
+        f"that would become infinite and {how.underflow} non-zero values that would become zero; "
         f"nothing was sent: {advice}",
         field="output_dtype",
         reason=f"{name}_OUT_OF_RANGE",
         metadata={
             "tensor": tensor.name,
-            "overflow": str(encoded.overflow),
-            "underflow": str(encoded.underflow),
+            "overflow": str(how.overflow),
+            "underflow": str(how.underflow),
             "tensors": str(len(refused)),
         },
     )

@@ -86,9 +86,11 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         if isinstance(request, pb.PredictRequest):
             record.targets = _names_summary("layers", list(request.layers) or ["default"], False)
         elif isinstance(request, GradientsRequest):
-            record.pattern = (
-                pb.BackwardPattern.Name(request.pattern).removeprefix("BACKWARD_PATTERN_").lower()
-            )
+            try:
+                pattern = pb.BackwardPattern.Name(request.pattern).removeprefix("BACKWARD_PATTERN_")
+            except ValueError:  # a number the contract does not define: refused by the call itself
+                pattern = "unknown"
+            record.pattern = pattern.lower()
             record.targets = targets_summary(request)
 
     def ComputeGradients(  # noqa: N802
