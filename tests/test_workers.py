@@ -508,6 +508,32 @@ def test_a_worker_killed_mid_call_is_restarted_and_the_call_is_computed_by_the_o
         second.close()
 
 
+def test_a_kserve_v2_infer_is_dispatched_like_its_layergrad_v1_call(worker_server, expected):
+    """ModelInfer runs layergrad.v1's ComputeGradients as dispatched: computed where it arrived,
+    or handed on to the idle sibling when that worker is busy, the same bytes either way."""
+    wanted = pb.ComputeGradientsResponse.FromString(expected.unary(1)).gradients[0].tensor.data
+    image = np.frombuffer(input_gradient_request(1).inputs[0].prepared.data, np.float32)
+    request = v2.ModelInferRequest(
+        inputs=[v2.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=[1, 3, 224, 224])],
+        outputs=[v2.ModelInferRequest.InferRequestedOutputTensor(name="grad/input")],
+        raw_input_contents=[image.tobytes()],
+    )
+    request.parameters["target_class"].int64_param = 7  # input_gradient_request(1)'s class
+    first, second = connections_to(worker_server.address, 0, 2)
+    try:
+        infer = v2_grpc.GRPCInferenceServiceStub(second.channel).ModelInfer
+        response, call = infer.with_call(request, timeout=300)
+        assert computed_by(call) == 0 and response.raw_output_contents[0] == wanted
+        busy = first.unary.future(input_gradient_request(0, SLOW), timeout=300)
+        wait_computing(worker_server, 1)  # worker 0 computes; the next call arriving there goes to worker 1
+        response, call = infer.with_call(request, timeout=300)
+        assert computed_by(call) == 1 and response.raw_output_contents[0] == wanted
+        assert computed_by(busy) == 0 and busy.exception() is None
+    finally:
+        first.close()
+        second.close()
+
+
 def test_sigterm_lets_calls_in_flight_finish_then_every_worker_and_the_parent_exit_zero(worker_server):
     """Runs last in this module: it stops the module's server. One call computes on the worker its
     connection landed on, one was handed to the other worker: both finish."""
@@ -544,29 +570,3 @@ def test_sigterm_lets_calls_in_flight_finish_then_every_worker_and_the_parent_ex
     assert "received SIGTERM; stopping the workers" in log and "all workers stopped" in log
     assert re.search(r"worker 0 dispatch: \d+ compute call\(s\) arrived on the port", log)
     assert not [pid for pid in workers if pathlib.Path(f"/proc/{pid}").exists()]
-
-
-def test_a_kserve_v2_infer_is_dispatched_like_its_layergrad_v1_call(worker_server, expected):
-    """ModelInfer runs layergrad.v1's ComputeGradients as dispatched: computed where it arrived,
-    or handed on to the idle sibling when that worker is busy, the same bytes either way."""
-    wanted = pb.ComputeGradientsResponse.FromString(expected.unary(1)).gradients[0].tensor.data
-    image = np.frombuffer(input_gradient_request(1).inputs[0].prepared.data, np.float32)
-    request = v2.ModelInferRequest(
-        inputs=[v2.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=[1, 3, 224, 224])],
-        outputs=[v2.ModelInferRequest.InferRequestedOutputTensor(name="grad/input")],
-        raw_input_contents=[image.tobytes()],
-    )
-    request.parameters["target_class"].int64_param = 7  # input_gradient_request(1)'s class
-    first, second = connections_to(worker_server.address, 0, 2)
-    try:
-        infer = v2_grpc.GRPCInferenceServiceStub(second.channel).ModelInfer
-        response, call = infer.with_call(request, timeout=300)
-        assert computed_by(call) == 0 and response.raw_output_contents[0] == wanted
-        busy = first.unary.future(input_gradient_request(0, SLOW), timeout=300)
-        wait_computing(worker_server, 1)  # worker 0 computes; the next call arriving there goes to worker 1
-        response, call = infer.with_call(request, timeout=300)
-        assert computed_by(call) == 1 and response.raw_output_contents[0] == wanted
-        assert computed_by(busy) == 0 and busy.exception() is None
-    finally:
-        first.close()
-        second.close()
