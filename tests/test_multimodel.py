@@ -540,3 +540,20 @@ def test_random_weights_from_an_npz_file_are_not_reported_pretrained(client) -> 
     weights = client.model_info().weights
     assert not weights.pretrained and weights.source.endswith("(random:0)")
     assert weights.file_sha256  # still the file's digest
+
+
+def test_cli_lists_the_models_and_names_the_top_classes(multi, capsys, tmp_path: pathlib.Path) -> None:
+    from layergrad import cli
+
+    process, _ = multi
+    assert cli.main(["--target", process.address, "models"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows["vgg16"][1:4] == ["(default)", "1", "ready"] and rows["broken"][2] == "failed"
+    assert rows["resnet50"][1:4] == ["1", "ready", "ResNet50"]
+    image = tmp_path / "image.png"
+    image.write_bytes(encode(make_rgb(3, 40, 40), "png"))
+    assert (
+        cli.main(["--target", process.address, "--model", "tiny", "predict", str(image), "--top", "2"]) == 0
+    )
+    ranked = capsys.readouterr().out.splitlines()[1:3]
+    assert all(line.split()[1] == "class" and "tiny class" in line for line in ranked)
