@@ -152,7 +152,10 @@ def test_replica_killed_and_replica_draining_lose_no_call(replicas: list[ServerP
     )
     assert not hung, "a call hung past its deadline"
     assert sorted(outcomes) == list(range(total)), "a call was lost"
-    assert set(statuses) <= {"OK", "UNAVAILABLE"}, statuses
+    # Only calls in flight on the killed replica (one per thread at most) may fail, and only as a
+    # replica going away does: UNAVAILABLE, or CANCELLED when gRPC reports the dropped stream so.
+    failed = {status: n for status, n in statuses.items() if status != "OK"}
+    assert set(failed) <= {"UNAVAILABLE", "CANCELLED"} and sum(failed.values()) <= threads, statuses
     assert replicas[0].process.wait(30) == -9
     assert replicas[1].process.wait(60) == 0
     # The surviving replica ends up serving the calls made after the others left.
