@@ -174,13 +174,8 @@ def prepared_shape(messages: Sequence[pb.Input]) -> tuple[int, ...] | None:
     return shapes.pop()
 
 
-def inputs_to_batch(
-    messages: Sequence[pb.Input],
-    adapter: ModelAdapter | None,
-    image_limits: images.ImageLimits,
-    max_batch_size: int,
-) -> np.ndarray:
-    """The request's inputs as one prepared (N, *input shape) float32 batch (one shape for all)."""
+def check_batch_count(messages: Sequence[pb.Input], max_batch_size: int) -> None:
+    """At least one input and at most ``max_batch_size``, checked before any is decoded."""
     if not messages:
         raise InvalidArgument(
             "the batch is empty: send at least one input", field="inputs", reason="EMPTY_BATCH"
@@ -191,6 +186,16 @@ def inputs_to_batch(
             field="inputs",
             reason="BATCH_TOO_LARGE",
         )
+
+
+def inputs_to_batch(
+    messages: Sequence[pb.Input],
+    adapter: ModelAdapter | None,
+    image_limits: images.ImageLimits,
+    max_batch_size: int,
+) -> np.ndarray:
+    """The request's inputs as one prepared (N, *input shape) float32 batch (one shape for all)."""
+    check_batch_count(messages, max_batch_size)
     first = input_to_array(messages[0], "inputs[0]", image_limits, adapter)
     batch = np.empty((len(messages), *first.shape), dtype=np.float32)
     batch[0] = first

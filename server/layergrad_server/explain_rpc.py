@@ -162,16 +162,7 @@ def query_from_proto(
     """The request in numpy terms: method first (no input decoded for a bad option), then inputs."""
     method = method_from_proto(request)
     output_dtype = convert.output_dtype(request.output_dtype)
-    if not request.inputs:
-        raise InvalidArgument(
-            "the batch is empty: send at least one input", field="inputs", reason="EMPTY_BATCH"
-        )
-    if len(request.inputs) > max_batch_size:
-        raise InvalidArgument(
-            f"batch of {len(request.inputs)} inputs exceeds the limit of {max_batch_size}",
-            field="inputs",
-            reason="BATCH_TOO_LARGE",
-        )
+    convert.check_batch_count(request.inputs, max_batch_size)
     arrays, sizes = [], []
     for i, message in enumerate(request.inputs):
         array, size = convert.input_and_size(message, f"inputs[{i}]", image_limits, adapter)
