@@ -14,10 +14,15 @@ so compute is serialised by one lock per engine.
 Compute methods take an optional ``checkpoint`` callback, called before every
 function of the forward and backward passes (a Chainer function hook); what it
 raises (the caller went away, the deadline passed) stops the computation there.
+
+``Engine.gradients`` also takes an optional ``on_final`` callback: it gets each parameter
+gradient as soon as the backward pass has finished it (see :class:`_FinalGradients`), while
+the rest of the backward pass still runs, so that a consumer can send it early.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import enum
@@ -214,6 +219,8 @@ class WeightsSource:
 
 
 Checkpoint = Callable[[], None]
+#: Gets one result tensor that is final before the computation ends, and the loss value.
+OnFinal = Callable[["ResultTensor", float | None], None]
 
 
 class _CheckpointHook(chainer.FunctionHook):
@@ -635,12 +642,22 @@ class Engine:
         ]
 
     def gradients(
-        self, plan: Plan, *, checkpoint: Checkpoint | None = None, defer_dtype: bool = False
+        self,
+        plan: Plan,
+        *,
+        checkpoint: Checkpoint | None = None,
+        defer_dtype: bool = False,
+        on_final: OnFinal | None = None,
     ) -> GradientResult:
         """Runs a planned query with the requested backward pattern.
 
         With ``defer_dtype`` the arrays stay in the compute type and each result
-        tensor carries the output type for its consumer to convert to.
+        tensor carries the output type for its consumer to convert to. ``on_final``,
+        if given, is called in this thread with each parameter gradient that is final
+        before the backward pass ends (as the returned result holds it, and with
+        ``defer_dtype``'s typing), and the loss value; the result still holds every
+        tensor. A parameter gets no such call when more than one function of the
+        graph uses it, or the backward pass does not reach it.
         """
         query = plan.query
         with (
@@ -654,19 +671,27 @@ class Engine:
             wanted = {plan.loss_layer, *plan.layers, *query.activations}
             acts, link_outputs = self._forward_links(x, wanted, plan.links)
             root, root_grad, loss_value = self._objective(query.loss, acts[plan.loss_layer])
-            if query.pattern is Pattern.GRAD:
-                grads = self._run_grad(plan, x, acts, link_outputs, root, root_grad)
-            else:
-                grads = self._run_backward(plan, x, acts, link_outputs, root, root_grad)
+            final = None
+            if on_final is not None and plan.parameters:
+                specs = {spec.name: spec for spec in plan.results if spec.kind is Kind.PARAMETER_GRADIENT}
+                final = _FinalGradients(
+                    {name: self._params[name] for name in plan.parameters},
+                    root,
+                    lambda name, array: on_final(
+                        _result_tensor(specs[name], _to_host(array), defer_dtype), loss_value
+                    ),
+                )
+            with final if final is not None else contextlib.nullcontext():
+                if query.pattern is Pattern.GRAD:
+                    grads = self._run_grad(plan, x, acts, link_outputs, root, root_grad)
+                else:
+                    grads = self._run_backward(plan, x, acts, link_outputs, root, root_grad)
             arrays = [
                 _to_host(acts[spec.name].array if spec.kind is Kind.ACTIVATION else grads[spec.name])
                 for spec in plan.results
             ]
         tensors = [
-            ResultTensor(spec.name, spec.kind, array, spec.dtype)
-            if (defer_dtype or spec.dtype == precision.BFLOAT16) and array.dtype != spec.dtype
-            else ResultTensor(spec.name, spec.kind, array.astype(spec.dtype, copy=False))
-            for spec, array in zip(plan.results, arrays, strict=True)
+            _result_tensor(spec, array, defer_dtype) for spec, array in zip(plan.results, arrays, strict=True)
         ]
         return GradientResult(tensors, loss_value)
 
@@ -747,6 +772,105 @@ class Engine:
             else:
                 grads[name] = self.device.xp.zeros_like(variable.array)
         return grads
+
+
+def _result_tensor(spec: ResultSpec, array: np.ndarray, defer_dtype: bool) -> ResultTensor:
+    """``array`` as the result tensor ``spec`` describes: converted to its output type, or
+    (``defer_dtype``, and always for bfloat16) carrying that type for its consumer."""
+    if (defer_dtype or spec.dtype == precision.BFLOAT16) and array.dtype != spec.dtype:
+        return ResultTensor(spec.name, spec.kind, array, spec.dtype)
+    return ResultTensor(spec.name, spec.kind, array.astype(spec.dtype, copy=False))
+
+
+class _FinalGradients:
+    """Reports parameter gradients the moment the backward pass has finished them.
+
+    Chainer sets a parameter's ``.grad`` (``loss.backward()``) or returns it
+    (``chainer.grad``) only once the whole backward pass is over, yet the
+    gradient of a parameter that one function of the graph uses is complete as
+    soon as that function's backward has run: it is the array that function
+    returns for it, the very array Chainer later hands out as the gradient (a
+    single contribution is not summed with anything). On entering, the graph
+    below ``root`` is walked to count each parameter's uses; the backward method
+    of each function that is a parameter's only user is wrapped, on that function
+    object alone, to pass the parameter's gradient to ``report(name, array)`` as
+    the function returns it. Parameters used more than once, or not reached by
+    the backward pass, are not reported. Leaving restores the functions.
+    """
+
+    def __init__(
+        self,
+        params: dict[str, chainer.Parameter],
+        root: chainer.Variable,
+        report: Callable[[str, object], None],
+    ) -> None:
+        self._params = params
+        self._root = root
+        self._report = report
+        self._wrapped: list[tuple[chainer.FunctionNode, str]] = []
+
+    def __enter__(self) -> _FinalGradients:
+        uses = self._uses()
+        by_function: dict[chainer.FunctionNode, dict[int, str]] = {}
+        for name, found in uses.items():
+            if len(found) == 1:
+                function, index = found[0]
+                by_function.setdefault(function, {})[index] = name
+        for function, names in by_function.items():
+            self._wrap(function, names)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for function, attribute in self._wrapped:
+            function.__dict__.pop(attribute, None)
+        self._wrapped.clear()
+
+    def _uses(self) -> dict[str, list[tuple[chainer.FunctionNode, int]]]:
+        """Every (function, input index) of the graph below the root that takes each parameter."""
+        wanted = {id(param.node): name for name, param in self._params.items()}
+        uses: dict[str, list[tuple[chainer.FunctionNode, int]]] = {name: [] for name in self._params}
+        creator = self._root.creator_node
+        pending = [] if creator is None else [creator]
+        seen = {id(creator)}
+        while pending:
+            function = pending.pop()
+            for index, node in enumerate(function.inputs):
+                name = wanted.get(id(node))
+                if name is not None:
+                    uses[name].append((function, index))
+                upstream = node.creator_node
+                if upstream is not None and id(upstream) not in seen:
+                    seen.add(id(upstream))
+                    pending.append(upstream)
+        return uses
+
+    def _wrap(self, function: chainer.FunctionNode, names: dict[int, str]) -> None:
+        """Wraps the method Chainer's backward step calls on ``function``: ``backward_accumulate``
+        where its class overrides it, else ``backward``."""
+        report = self._report
+        accumulates = (
+            type(function).backward_accumulate.__code__
+            is not chainer.FunctionNode.backward_accumulate.__code__
+        )
+        attribute = "backward_accumulate" if accumulates else "backward"
+        original = getattr(function, attribute)
+        count = len(function.inputs)
+
+        def reporting(target_input_indexes: tuple[int, ...], *args: object) -> object:
+            gxs = original(target_input_indexes, *args)
+            # ``backward`` may return a gradient for every input or for the targets only.
+            by_input = not accumulates and len(gxs) == count
+            for position, index in enumerate(target_input_indexes):
+                name = names.get(index)
+                if name is None:
+                    continue
+                gx = gxs[index] if by_input else gxs[position]
+                if gx is not None and gx.raw_array is not None:
+                    report(name, gx.array)
+            return gxs
+
+        setattr(function, attribute, reporting)
+        self._wrapped.append((function, attribute))
 
 
 def _grad_or_zeros(variable: chainer.Variable) -> object:
