@@ -451,7 +451,7 @@ def test_tensor_sent_twice_is_data_loss() -> None:
 def test_shape_change_between_chunks_is_data_loss() -> None:
     messages = chunks("input", INPUT, np.arange(8, dtype=np.float32), 8)
     messages[1].shape[:] = [4, 2]
-    with pytest.raises(errors.DataLoss, match="changed shape or dtype"):
+    with pytest.raises(errors.DataLoss, match="changed shape, dtype"):
         assemble(messages)
 
 

@@ -179,6 +179,7 @@ class StreamChunk:
     data: memoryview | bytes
     loss: float | None
     scale_exponent: int = 0
+    position: int = 0
 
     @classmethod
     def from_message(cls, message: pb.StreamGradientsResponse) -> StreamChunk:
@@ -191,6 +192,7 @@ class StreamChunk:
             message.data,
             message.loss if message.HasField("loss") else None,
             message.scale_exponent,
+            message.position,
         )
 
 
@@ -227,7 +229,7 @@ def parse_stream_chunk(raw: bytes) -> StreamChunk:
 def _parse_fast(raw: bytes) -> StreamChunk:
     view = memoryview(raw)
     size = len(raw)
-    name, kind, dtype, shape, offset, data, loss, scale = "", 0, 0, (), 0, b"", None, 0
+    name, kind, dtype, shape, offset, data, loss, scale, position = "", 0, 0, (), 0, b"", None, 0, 0
     pos = 0
     while pos < size:
         tag = raw[pos]
@@ -252,7 +254,7 @@ def _parse_fast(raw: bytes) -> StreamChunk:
                     raise _Unusual
                 shape = (*shape, *dims)
             pos = end
-        elif tag in (0x10, 0x18, 0x28):  # kind, dtype, offset: varints
+        elif tag in (0x10, 0x18, 0x28, 0x48):  # kind, dtype, offset, position: varints
             value, pos = _read_varint(raw, pos)
             if (value >= 1 << 31 and tag != 0x28) or value >= 1 << 63:
                 raise _Unusual  # negative as int32/int64: let protobuf decide
@@ -260,6 +262,8 @@ def _parse_fast(raw: bytes) -> StreamChunk:
                 kind = value
             elif tag == 0x18:
                 dtype = value
+            elif tag == 0x48:
+                position = value
             else:
                 offset = value
         elif tag == 0x40:  # scale_exponent: sint32, zigzag
@@ -274,7 +278,7 @@ def _parse_fast(raw: bytes) -> StreamChunk:
             pos += 8
         else:
             raise _Unusual
-    return StreamChunk(name, kind, dtype, shape, offset, data, loss, scale)
+    return StreamChunk(name, kind, dtype, shape, offset, data, loss, scale, position)
 
 
 @dataclass
@@ -291,6 +295,7 @@ class _Pending:
     scale_exponent: int
     array: np.ndarray
     flat: np.ndarray
+    position: int = 0
     received: int = 0
     chunks: int = 0
 
@@ -306,6 +311,8 @@ class AssembledTensor:
     name: str
     kind: int
     array: np.ndarray
+    #: Its index in the result's documented order when the stream sent another order, else 0.
+    position: int = 0
 
 
 TensorKey = tuple[int, str]
@@ -378,10 +385,13 @@ class _ChunkAssembler:
         self._write(current, chunk)
 
     def finish(self) -> list[AssembledTensor]:
-        """The completed tensors, in stream order; raises DataLoss if the last is incomplete."""
+        """The completed tensors, in the result's documented order (their ``position``: a stream
+        with parameter gradients sent as they were ready arrives in another); raises DataLoss if
+        the last is incomplete."""
         self._close_current()
         if not self.tensors:
             raise DataLoss("gradient stream ended without any tensor")
+        self.tensors.sort(key=lambda tensor: tensor.position)  # stable: all 0 keeps stream order
         return self.tensors
 
     def _open(self, chunk: StreamChunk) -> _Pending:
@@ -409,6 +419,7 @@ class _ChunkAssembler:
             chunk.scale_exponent,
             array,
             received.reshape(-1).view(np.uint8),
+            chunk.position,
         )
 
     def _write(self, pending: _Pending, chunk: StreamChunk) -> None:
@@ -431,7 +442,7 @@ class _ChunkAssembler:
         if pending.dtype in REDUCED:
             wire = pending.flat.view(_WIRE_DTYPES[pending.dtype]).reshape(pending.array.shape)
             decode_into(wire, pending.dtype, pending.scale_exponent, pending.array)
-        self.tensors.append(AssembledTensor(pending.name, pending.kind, pending.array))
+        self.tensors.append(AssembledTensor(pending.name, pending.kind, pending.array, pending.position))
 
 
 def _check_same_layout(pending: _Pending, chunk: StreamChunk) -> None:
@@ -439,8 +450,9 @@ def _check_same_layout(pending: _Pending, chunk: StreamChunk) -> None:
         chunk.shape != pending.array.shape
         or chunk.dtype != pending.dtype
         or chunk.scale_exponent != pending.scale_exponent
+        or chunk.position != pending.position
     ):
-        raise DataLoss(f"tensor {pending.name!r} changed shape or dtype or scale between chunks")
+        raise DataLoss(f"tensor {pending.name!r} changed shape, dtype, scale or position between chunks")
 
 
 def _check_offset(pending: _Pending, offset: int, size: int) -> None:

@@ -1326,6 +1326,11 @@ def _gradients_request(
             f"loss must be one of layergrad.losses (e.g. SumOfSquares()), not {type(loss).__name__}"
         )
     targets = _targets(parameters, layers, want_input, links)
+    extra = {}
+    if message_type is pb.StreamGradientsRequest and (targets.parameters or targets.all_parameters):
+        # Parameter gradients are sent while the backward pass goes on; the assembler puts
+        # the tensors back in the documented order (their ``position``).
+        extra["parameters_when_ready"] = True
     return message_type(
         inputs=to_inputs(images),
         loss=loss._to_proto(),
@@ -1336,6 +1341,7 @@ def _gradients_request(
         model=_model_name(model),
         model_version=model_version,
         float16_scaling=True,  # this SDK undoes the scale (see _tensors.decode_into)
+        **extra,
     )
 
 

@@ -290,7 +290,7 @@ def query_from_proto(
 
 
 def encode_outputs(
-    tensors: Sequence[engine.ResultTensor], scaling: bool, *, defer: bool = False
+    tensors: Sequence[engine.ResultTensor], scaling: bool, *, defer: bool = False, sent: int = 0
 ) -> tuple[list[engine.ResultTensor], list[int]]:
     """Tensors in their output types through ``precision``, with their scale exponents.
 
@@ -299,7 +299,8 @@ def encode_outputs(
     values: a finite value becoming infinite or a non-zero value becoming zero (see
     ``ComputeGradientsRequest.output_dtype`` in the contract). With ``defer`` the tensors
     are checked and their exponents found, but they stay unconverted, for the stream to
-    convert chunk by chunk (``precision.convert`` is elementwise).
+    convert chunk by chunk (``precision.convert`` is elementwise). ``sent`` is how many
+    tensors of the result were already sent (a stream checking each tensor when it is final).
     """
     out: list[engine.ResultTensor] = []
     exponents: list[int] = []
@@ -318,11 +319,13 @@ def encode_outputs(
         out.append(tensor)
         exponents.append(how.exponent)
     if refused:
-        raise _out_of_range(refused, scaling)
+        raise _out_of_range(refused, scaling, sent)
     return out, exponents
 
 
-def _out_of_range(refused: list[tuple[engine.ResultTensor, precision.Fit]], scaling: bool) -> OutOfRange:
+def _out_of_range(
+    refused: list[tuple[engine.ResultTensor, precision.Fit]], scaling: bool, sent: int = 0
+) -> OutOfRange:
     tensor, how = refused[0]
     bfloat16 = tensor.output_dtype == precision.BFLOAT16
     name = "BFLOAT16" if bfloat16 else "FLOAT16"
@@ -339,7 +342,7 @@ def _out_of_range(refused: list[tuple[engine.ResultTensor, precision.Fit]], scal
     return OutOfRange(
         f"{name} output would lose values: {tensor.name!r}{others} has {how.overflow} finite values "
         f"that would become infinite and {how.underflow} non-zero values that would become zero; "
-        f"nothing was sent: {advice}",
+        f"{f'the stream stopped after {sent} tensors' if sent else 'nothing was sent'}: {advice}",
         field="output_dtype",
         reason=f"{name}_OUT_OF_RANGE",
         metadata={
@@ -408,21 +411,28 @@ def gradients_response(
 
 
 def gradient_chunks(
-    result: engine.GradientResult, chunk_bytes: int, exponents: Sequence[int] | None = None
+    result: engine.GradientResult,
+    chunk_bytes: int,
+    exponents: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
 ) -> Iterator[pb.StreamGradientsResponse]:
-    """A gradient result as stream messages of at most ``chunk_bytes`` data bytes each.
+    """A gradient result as stream messages of at most ``chunk_bytes`` data bytes each, each
+    tensor's messages carrying its ``positions`` entry if given.
 
     The reference encoding, through the generated class; the server sends the
-    byte-identical ``gradient_frames``.
+    byte-identical ``gradient_frames`` (``tensor_frames``).
     """
     first = True
-    for tensor, exponent in zip(result.tensors, _exponents(result, exponents), strict=True):
+    for index, (tensor, exponent) in enumerate(
+        zip(result.tensors, _exponents(result, exponents), strict=True)
+    ):
         header = {
             "name": tensor.name,
             "kind": KINDS[tensor.kind],
             "dtype": dtype_enum(tensor.output_dtype),
             "shape": tensor.array.shape,
             "scale_exponent": exponent,
+            "position": 0 if positions is None else positions[index],
         }
         for offset, data in _byte_chunks(tensor, chunk_bytes, exponent):
             message = pb.StreamGradientsResponse(offset=offset, data=bytes(data), **header)
@@ -441,6 +451,7 @@ _OFFSET = b"\x28"  # 5, varint
 _DATA = b"\x32"  # 6, length-delimited
 _LOSS = b"\x39"  # 7, 64-bit
 _SCALE = b"\x40"  # 8, varint (sint32: zigzag)
+_POSITION = b"\x48"  # 9, varint
 
 
 def _varint(value: int) -> bytes:
@@ -477,35 +488,48 @@ def _zigzag(value: int) -> int:
 def gradient_frames(
     result: engine.GradientResult, chunk_bytes: int, exponents: Sequence[int] | None = None
 ) -> Iterator[bytes]:
-    """The messages of ``gradient_chunks``, serialized: the same bytes, with one copy of the data.
+    """The messages of ``gradient_chunks``, serialized: the same bytes, with one copy of the data
+    (see ``tensor_frames``); the loss goes on the first message."""
+    loss = result.loss
+    for tensor, exponent in zip(result.tensors, _exponents(result, exponents), strict=True):
+        yield from tensor_frames(tensor, chunk_bytes, exponent, loss)
+        loss = None
+
+
+def tensor_frames(
+    tensor: engine.ResultTensor,
+    chunk_bytes: int,
+    exponent: int = 0,
+    loss: float | None = None,
+    position: int = 0,
+) -> Iterator[bytes]:
+    """One tensor's StreamGradientsResponse messages, serialized, ``loss`` on the first one and
+    ``position`` on each (0 is not written, as proto3 omits it).
 
     Each message is built with one ``join`` of the tensor's header (encoded once),
     the offset, the data's length and a memoryview slice of the tensor, so the data
-    is copied once (no ``bytes()`` slice, no message object). Tensors whose output
-    type differs from their compute type are converted chunk by chunk, so the first
-    message leaves before the whole result is converted.
+    is copied once (no ``bytes()`` slice, no message object). A tensor whose output
+    type differs from its compute type is converted chunk by chunk, so its first
+    message leaves before the whole tensor is converted.
     """
-    first = True
-    for tensor, exponent in zip(result.tensors, _exponents(result, exponents), strict=True):
-        header = _frame_header(
-            tensor.name, KINDS[tensor.kind], dtype_enum(tensor.output_dtype), tensor.array.shape
-        )
-        scale = _SCALE + _varint(_zigzag(exponent)) if exponent else b""
-        for offset, data in _byte_chunks(tensor, chunk_bytes, exponent):
-            loss = b""
-            if first and result.loss is not None:
-                loss = _LOSS + struct.pack("<d", result.loss)
-            first = False
-            yield b"".join(
-                (
-                    header,
-                    _OFFSET + _varint(offset) if offset else b"",
-                    _DATA + _varint(len(data)) if len(data) else b"",
-                    data,
-                    loss,
-                    scale,
-                )
+    header = _frame_header(
+        tensor.name, KINDS[tensor.kind], dtype_enum(tensor.output_dtype), tensor.array.shape
+    )
+    tail = (_SCALE + _varint(_zigzag(exponent)) if exponent else b"") + (
+        _POSITION + _varint(position) if position else b""
+    )
+    for offset, data in _byte_chunks(tensor, chunk_bytes, exponent):
+        yield b"".join(
+            (
+                header,
+                _OFFSET + _varint(offset) if offset else b"",
+                _DATA + _varint(len(data)) if len(data) else b"",
+                data,
+                b"" if loss is None else _LOSS + struct.pack("<d", loss),
+                tail,
             )
+        )
+        loss = None
 
 
 def _byte_chunks(

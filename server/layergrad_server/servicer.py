@@ -7,6 +7,8 @@ import hashlib
 import ipaddress
 import logging
 import platform
+import queue
+import threading
 import time
 from collections.abc import Iterator
 
@@ -19,7 +21,7 @@ from layergrad._gen.layergrad.v1 import gradient_service_pb2_grpc as pb_grpc
 from layergrad_server import __version__, convert, engine, explain, explain_rpc
 from layergrad_server.admission import Admission, AdmittedCall
 from layergrad_server.config import ServerConfig
-from layergrad_server.errors import FailedPrecondition, ResultTooLarge
+from layergrad_server.errors import Cancelled, FailedPrecondition, ResultTooLarge
 from layergrad_server.observability.context import SERVER_TIMING_KEY, CallRecord
 from layergrad_server.registry import ModelState, Registry
 from layergrad_server.shm import RegionMaps, check_region
@@ -118,6 +120,11 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         model = self._model(request)
         with self._admit(cost_kind(request), request, context) as call:
             plan = self._plan(model, request)
+            if request.parameters_when_ready and plan.parameters:
+                frames = self._frames_when_ready(model, plan, call, request.float16_scaling)
+                with contextlib.closing(frames):  # stops the computation if the caller goes
+                    yield from frames
+                return
             with call.computing():
                 result = model.gradients(plan, checkpoint=call.checkpoint, defer_dtype=True)
             # Reduced output types are checked (refused, if need be) before the first message, then
@@ -130,6 +137,70 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
                 for frame in frames:
                     call.checkpoint()  # stop sending once the caller is gone
                     yield frame
+
+    def _frames_when_ready(
+        self, model: engine.Engine, plan: engine.Plan, call: AdmittedCall, scaling: bool
+    ) -> Iterator[bytes]:
+        """StreamGradients with ``parameters_when_ready``: the computation runs in a thread of its
+        own, and each parameter gradient it finishes early is sent while it goes on; then the
+        other tensors, in plan order. Every tensor carries its plan position."""
+        ready: queue.Queue[tuple[str, object, float | None]] = queue.Queue()
+        stop = threading.Event()
+
+        def checkpoint() -> None:
+            if stop.is_set():
+                raise Cancelled("the stream stopped; the computation was stopped", reason="CANCELLED")
+            call.checkpoint()
+
+        def compute() -> None:
+            try:
+                with call.computing():
+                    result = model.gradients(
+                        plan,
+                        checkpoint=checkpoint,
+                        defer_dtype=True,
+                        on_final=lambda tensor, loss: ready.put(("tensor", tensor, loss)),
+                    )
+            except BaseException as error:  # raised in the sending thread
+                ready.put(("error", error, None))
+            else:
+                ready.put(("done", result, result.loss))
+
+        positions = {(spec.kind, spec.name): i for i, spec in enumerate(plan.results)}
+        worker = threading.Thread(target=compute, name="gradients", daemon=True)
+        worker.start()
+        try:
+            loss_pending, sent = True, set()
+            while True:
+                what, item, loss = ready.get()
+                if what == "error":
+                    raise item  # type: ignore[misc]
+                if what == "tensor":
+                    tensors = [item]
+                else:
+                    tensors = [t for t in item.tensors if (t.kind, t.name) not in sent]  # type: ignore[attr-defined]
+                for tensor in tensors:
+                    key = (tensor.kind, tensor.name)
+                    [encoded], [exponent] = convert.encode_outputs(
+                        [tensor], scaling, defer=True, sent=len(sent)
+                    )
+                    frames = convert.tensor_frames(
+                        encoded,
+                        self._config.stream_chunk_bytes,
+                        exponent,
+                        loss if loss_pending else None,
+                        positions[key],
+                    )
+                    loss_pending = False
+                    for frame in frames:
+                        call.checkpoint()  # stop sending once the caller is gone
+                        yield frame
+                    sent.add(key)
+                if what == "done":
+                    return
+        finally:
+            stop.set()
+            worker.join()
 
     def ExportGradients(  # noqa: N802
         self, request: pb.ExportGradientsRequest, context: grpc.ServicerContext

@@ -258,7 +258,7 @@ class ComputeGradientsResponse(_message.Message):
     def __init__(self, gradients: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., activations: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., loss: _Optional[float] = ...) -> None: ...
 
 class StreamGradientsRequest(_message.Message):
-    __slots__ = ("inputs", "loss", "pattern", "targets", "activation_layers", "output_dtype", "model", "model_version", "float16_scaling")
+    __slots__ = ("inputs", "loss", "pattern", "targets", "activation_layers", "output_dtype", "model", "model_version", "float16_scaling", "parameters_when_ready")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     PATTERN_FIELD_NUMBER: _ClassVar[int]
@@ -268,6 +268,7 @@ class StreamGradientsRequest(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     FLOAT16_SCALING_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_WHEN_READY_FIELD_NUMBER: _ClassVar[int]
     inputs: _containers.RepeatedCompositeFieldContainer[Input]
     loss: Loss
     pattern: BackwardPattern
@@ -277,10 +278,11 @@ class StreamGradientsRequest(_message.Message):
     model: str
     model_version: str
     float16_scaling: bool
-    def __init__(self, inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., loss: _Optional[_Union[Loss, _Mapping]] = ..., pattern: _Optional[_Union[BackwardPattern, str]] = ..., targets: _Optional[_Union[GradientTargets, _Mapping]] = ..., activation_layers: _Optional[_Iterable[str]] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., float16_scaling: _Optional[bool] = ...) -> None: ...
+    parameters_when_ready: bool
+    def __init__(self, inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., loss: _Optional[_Union[Loss, _Mapping]] = ..., pattern: _Optional[_Union[BackwardPattern, str]] = ..., targets: _Optional[_Union[GradientTargets, _Mapping]] = ..., activation_layers: _Optional[_Iterable[str]] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., float16_scaling: _Optional[bool] = ..., parameters_when_ready: _Optional[bool] = ...) -> None: ...
 
 class StreamGradientsResponse(_message.Message):
-    __slots__ = ("name", "kind", "dtype", "shape", "offset", "data", "loss", "scale_exponent")
+    __slots__ = ("name", "kind", "dtype", "shape", "offset", "data", "loss", "scale_exponent", "position")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -289,6 +291,7 @@ class StreamGradientsResponse(_message.Message):
     DATA_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     SCALE_EXPONENT_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: TensorKind
     dtype: DataType
@@ -297,7 +300,8 @@ class StreamGradientsResponse(_message.Message):
     data: bytes
     loss: float
     scale_exponent: int
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[TensorKind, str]] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., loss: _Optional[float] = ..., scale_exponent: _Optional[int] = ...) -> None: ...
+    position: int
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[TensorKind, str]] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., loss: _Optional[float] = ..., scale_exponent: _Optional[int] = ..., position: _Optional[int] = ...) -> None: ...
 
 class SharedMemoryRegion(_message.Message):
     __slots__ = ("name", "offset", "size")
