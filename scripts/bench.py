@@ -530,9 +530,13 @@ class _TimedStream:
 
 
 class StreamProbe:
-    """Wraps a client's StreamGradients stub so a call's time to first message is known."""
+    """Wraps a client's StreamGradients stub so a call's time to first message is known.
 
-    def __init__(self, client: layergrad.Client) -> None:
+    With ``when_ready=False`` the requests go without ``parameters_when_ready`` (which the
+    SDK sets for parameter targets): the server then sends every tensor once the backward
+    pass is over, in the documented order, as before that option existed."""
+
+    def __init__(self, client: layergrad.Client, when_ready: bool = True) -> None:
         self.first_message: float | None = None
         self.messages = 0
         stub = getattr(client, "_stub", None)
@@ -540,8 +544,11 @@ class StreamProbe:
         if self.installed:
             original = stub.StreamGradients
 
-            def wrapped(*args: Any, **kwargs: Any) -> _TimedStream:
-                return _TimedStream(original(*args, **kwargs), self)
+            def wrapped(request: Any, *args: Any, **kwargs: Any) -> _TimedStream:
+                if not when_ready and request.parameters_when_ready:
+                    request = type(request).FromString(request.SerializeToString())
+                    request.parameters_when_ready = False
+                return _TimedStream(original(request, *args, **kwargs), self)
 
             stub.StreamGradients = wrapped
 
@@ -1199,6 +1206,9 @@ def body(
     client = layergrad.Client(server.address, timeout=600)
     probe_client = layergrad.Client(server.address, timeout=600)
     probe = StreamProbe(probe_client)
+    # The same calls with every tensor sent after the backward pass (the transfer alone).
+    plain_client = layergrad.Client(server.address, timeout=600)
+    plain_probe = StreamProbe(plain_client, when_ready=False)
     info = client.model_info()
     sections = Sections(CpuMeter(server.pid))
     report["background_cpus"] = sections.background_cpus
@@ -1306,8 +1316,28 @@ def body(
         "all parameter gradients (BACKWARD)", timing, max_rel_diff(sdk_params, ref_params)
     )
     payload = cases["parameter_gradients"]["bytes"] = sum(g.nbytes for g in sdk_params.values())
-    download = summarize_download([downloads[warmup + i] for i in timing["attempts"]], payload)
-    download["in_process_compute_s_median"] = median(timing["a"])
+    when_ready = summarize_download([downloads[warmup + i] for i in timing["attempts"]], payload)
+    when_ready["in_process_compute_s_median"] = median(timing["a"])
+    del timing
+
+    # The same call with the tensors sent only after the backward pass, against the default.
+    sections.start("parameter_gradients_after_backward")
+    plain_downloads: list[dict[str, Any]] = []
+
+    def plain_params() -> dict[str, np.ndarray]:
+        run = plain_probe.call(lambda: plain_client.parameter_gradients(x, xent, "all"))
+        plain_downloads.append(run)
+        return run.pop("value")
+
+    timing = side_by_side(plain_params, service_params, repeat, warmup, sections.meter)
+    identical = all(
+        np.array_equal(timing["result_a"][name], array) for name, array in timing["result_b"].items()
+    )
+    entry = case_entry("all parameters: after / when ready", timing, 0.0 if identical else math.inf)
+    entry["note"] = "in-process column: the service sending every tensor after the backward pass"
+    cases["parameter_gradients_when_ready"] = entry
+    download = summarize_download([plain_downloads[warmup + i] for i in timing["attempts"]], payload)
+    download["in_process_compute_s_median"] = when_ready["in_process_compute_s_median"]
     del timing
     del sdk_params
 
@@ -1390,7 +1420,14 @@ def body(
     )
     for run in download["runs"] + half["runs"] + brain["runs"]:
         run.pop("value", None)
-    report["download"] = {"float32": download, "float16": half, "bfloat16": brain}
+    for run in when_ready["runs"]:
+        run.pop("value", None)
+    report["download"] = {
+        "float32": download,
+        "float32_when_ready": when_ready,
+        "float16": half,
+        "bfloat16": brain,
+    }
 
     # Reduced-precision output: error against float32 on the cases that lost values, conversion speed.
     sections.start("precision")
@@ -1406,6 +1443,7 @@ def body(
     report["client_memory"] = run_child(["--_client-memory", server.address, "float32"])
     sections.stop()
     probe_client.close()
+    plain_client.close()
     client.close()
 
 
@@ -1477,6 +1515,22 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         1.03,
         ratio <= 1.03,
         f"{ratio:.3f}",
+    )
+    params = report["cases"]["parameter_gradients"]
+    early = report["cases"].get("parameter_gradients_when_ready")
+    before = (
+        f"; tensors sent after the backward pass: {early['in_process_median_s']:.3f} s, "
+        f"{early['in_process_median_s'] / params['in_process_median_s']:.2f}x"
+        if early
+        else ""
+    )
+    add(
+        "all parameter gradients through the SDK within 1.10x of the in-process backward",
+        params["ratio"],
+        1.10,
+        params["ratio"] <= 1.10,
+        f"{params['ratio']:.3f} ({params['service_median_s']:.3f} s against "
+        f"{params['in_process_median_s']:.3f} s{before})",
     )
     p50 = report["model_info"]["p50_s"]
     add("GetModelInfo p50 < 1 ms", p50, 1e-3, p50 < 1e-3, f"{p50 * 1e3:.3f} ms")
@@ -1577,6 +1631,8 @@ def render(report: dict[str, Any]) -> str:
             note += f", {c['pairs_set_aside']} noisy pair(s) redone"
         if "bytes" in c:
             note += f", {fmt_bytes(c['bytes'])}"
+        if "note" in c:
+            note += f"; {c['note']}"
         lines.append(
             f"{c['label']:<38}{fmt_s(c['in_process_median_s']):>12}{fmt_s(c['service_median_s']):>12}"
             f"{c['ratio']:>8.3f}  {note}"
@@ -1645,16 +1701,27 @@ def render(report: dict[str, Any]) -> str:
             )
         else:
             lines.append(f"  ceiling not measured: {ceiling.get('error')}")
-    lines += ["", "all-parameter-gradient download through the SDK (StreamGradients):"]
-    for dtype in ("float32", "float16", "bfloat16"):
-        d = report["download"][dtype]
+    lines += [
+        "",
+        "all-parameter-gradient download through the SDK (StreamGradients; float32: every tensor "
+        "after the backward pass; 'when ready': the SDK's default, parameters sent as the backward "
+        "pass finishes them, so 'after first message' includes most of the backward pass):",
+    ]
+    for dtype in ("float32", "float32_when_ready", "float16", "bfloat16"):
+        d = report["download"].get(dtype)
+        if d is None:
+            continue
+        section = {
+            "float32": "parameter_gradients_after_backward",
+            "float32_when_ready": "parameter_gradients",
+        }
         lines.append(
-            f"  {dtype}: {fmt_bytes(d['bytes'])} in {d['messages']} messages; "
+            f"  {dtype.replace('_', ' ')}: {fmt_bytes(d['bytes'])} in {d['messages']} messages; "
             f"call {d['total_s_median']:.3f} s (first message {d['first_message_s_median']:.3f} s, "
             f"rest {d['after_first_message_s_median']:.3f} s); "
             f"{d['end_to_end_bytes_per_s'] / 1e9:.3f} GB/s end to end, "
             f"{d['transfer_bytes_per_s'] / 1e9:.2f} GB/s after first message"
-            + _other_load(report, "parameter_gradients" if dtype == "float32" else f"download_{dtype}")
+            + _other_load(report, section.get(dtype, f"download_{dtype}"))
         )
     b = report["download"]["breakdown"]
     if "error" in b:
