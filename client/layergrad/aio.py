@@ -204,6 +204,7 @@ class Client:
         model: str | None = None,
         model_version: str | None = None,
         request_id: str | None = None,
+        exact: bool = False,
     ) -> Prediction:
         """The outputs of ``layers`` for ``images``; see :meth:`layergrad.Client.predict`."""
         name, version = self._model_of(model, model_version)
@@ -214,6 +215,7 @@ class Client:
             model=name,
             model_version=version,
             float16_scaling=True,
+            exact=exact,
         )
 
         async def run(part: pb.PredictRequest) -> Prediction:
@@ -239,6 +241,7 @@ class Client:
                 model=name,
                 model_version=version,
                 float16_scaling=True,
+                exact=exact,
             )
             part.inputs.extend(request.inputs[start:stop])
             parts.append(await run(part))
@@ -267,6 +270,7 @@ class Client:
         model_version: str | None = None,
         progress: Progress | None = None,
         request_id: str | None = None,
+        exact: bool = False,
     ) -> GradientResult:
         """The requested gradients of ``loss``, streamed; see :meth:`layergrad.Client.gradients`.
 
@@ -285,6 +289,7 @@ class Client:
             dtype,
             *self._model_of(model, model_version),
             links,
+            exact,
         )
         if out is not None and not isinstance(out, GradientResult):
             raise TypeError(f"out must be a GradientResult, not {type(out).__name__}")

@@ -598,6 +598,7 @@ class Client:
         model: str | None = None,
         model_version: str | None = None,
         request_id: str | None = None,
+        exact: bool = False,
     ) -> Prediction:
         """Runs the forward pass and returns the outputs of ``layers``, each ``[batch] + layer shape``.
 
@@ -605,7 +606,8 @@ class Client:
         server takes is split into several calls, their outputs concatenated, with
         ``progress`` called after each (see :meth:`gradients`). ``request_id``: the call's
         ``x-request-id`` (the server makes one if None); the result is a dict of the
-        outputs with the ``request_id`` and server ``timings`` of the call.
+        outputs with the ``request_id`` and server ``timings`` of the call. ``exact``: never
+        computed together with other callers' calls (see :meth:`gradients`).
         """
         name, version = self._model_of(model, model_version)
         request = pb.PredictRequest(
@@ -615,6 +617,7 @@ class Client:
             model=name,
             model_version=version,
             float16_scaling=True,
+            exact=exact,
         )
 
         def run(part: pb.PredictRequest) -> Prediction:
@@ -639,6 +642,7 @@ class Client:
                 model=name,
                 model_version=version,
                 float16_scaling=True,
+                exact=exact,
             )
             part.inputs.extend(request.inputs[start:stop])
             parts.append(run(part))
@@ -746,6 +750,7 @@ class Client:
         model_version: str | None = None,
         progress: Callable[[int, int], None] | None = None,
         request_id: str | None = None,
+        exact: bool = False,
     ) -> GradientResult:
         """Computes the requested gradients of ``loss``, streamed so any size works.
 
@@ -804,6 +809,11 @@ class Client:
             request_id: sent as the call's ``x-request-id`` metadata, to find the call in the
                 server's access log (every sub-batch's call gets it); None: the server makes
                 one. The result's ``request_id`` and ``timings`` say what the server reported.
+            exact: never have the call computed together with other callers'. A server
+                started with ``--batch-delay-ms`` computes concurrent calls that ask for
+                the same per-input tensors (no parameter gradients) as one batch; each gets
+                its own rows, equal to its own call to float32 rounding. With ``exact`` the
+                result is bit-identical to the same Chainer code in-process.
 
         Batches larger than the server takes (``ModelInfo.max_batch_size``) are split
         into consecutive sub-batches, one call each (``timeout`` applies to each), and
@@ -840,6 +850,7 @@ class Client:
             dtype,
             *self._model_of(model, model_version),
             links,
+            exact,
         )
         if shared_memory and out is not None:
             raise ValueError("out= is not supported with shared_memory=True")
@@ -1014,6 +1025,7 @@ class Client:
         model_version: str | None = None,
         progress: Callable[[int, int], None] | None = None,
         request_id: str | None = None,
+        exact: bool = False,
     ) -> GradientResult:
         """Same as :meth:`gradients` through the unary ComputeGradients RPC.
 
@@ -1032,6 +1044,7 @@ class Client:
             dtype,
             *self._model_of(model, model_version),
             links,
+            exact,
         )
 
         def run(part: pb.ComputeGradientsRequest, _out: GradientResult | None) -> GradientResult:
@@ -1320,6 +1333,7 @@ def _gradients_request(
     model: str = "",
     model_version: str = "",
     links: Names = (),
+    exact: bool = False,
 ) -> Any:
     if not isinstance(loss, Loss):
         raise TypeError(
@@ -1341,6 +1355,7 @@ def _gradients_request(
         model=_model_name(model),
         model_version=model_version,
         float16_scaling=True,  # this SDK undoes the scale (see _tensors.decode_into)
+        exact=bool(exact),
         **extra,
     )
 

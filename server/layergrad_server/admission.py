@@ -278,6 +278,14 @@ class AdmittedCall:
         if not self._is_active():
             raise Cancelled("the caller went away; the call was stopped", reason="CANCELLED")
 
+    def shared(self, queue_seconds: float, compute_seconds: float) -> None:
+        """Records that another call's slot computed this call's work (a merged batch, see
+        ``dynamic_batching``): it waited ``queue_seconds``, then took ``compute_seconds``."""
+        if self.on_computed is not None:
+            self.on_computed(queue_seconds, compute_seconds)
+        with self._admission._lock:
+            self.computed = True
+
     @contextmanager
     def computing(self) -> Iterator[None]:
         """Holds a compute slot for the block; its duration feeds the estimates when it succeeds."""

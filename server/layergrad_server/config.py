@@ -56,6 +56,9 @@ class ServerConfig:
     cpu_kernels: str = "fast"
     compute_slots: int = 1
     max_queue: int = 8
+    # Dynamic batching (see ``dynamic_batching``): concurrent calls' per-example work waits up to this
+    # long to be computed as one batch of at most ``max_batch_size`` inputs; 0 (the default): off.
+    batch_delay_ms: float = 0.0
     threads: int = 0  # 0: compute_slots + max_queue + SPARE_THREADS
     grace_seconds: float = 10.0
     # A call whose request message has not arrived, or whose reader has taken no stream
@@ -106,6 +109,9 @@ class ServerConfig:
             own += (self.worker_count - 1) * (self.compute_slots + self.max_queue)
         return own
 
+
+# The longest a call may wait for others to share its batch with.
+MAX_BATCH_DELAY_MS = 1000.0
 
 # Handler threads beyond those admitted compute calls can hold: for GetModelInfo and
 # refusing calls over the limits (health and reflection need no thread).
@@ -215,6 +221,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=int(_env("EXPLAIN_BATCH_SIZE", str(defaults.explain_batch_size))),
         help="backward passes per internal batch of an Explain call, at most --max-batch-size (default "
         "%(default)s): an explanation's peak memory is one such batch",
+    )
+    parser.add_argument(
+        "--batch-delay-ms",
+        type=float,
+        default=float(_env("BATCH_DELAY_MS", str(defaults.batch_delay_ms))),
+        metavar="MS",
+        help="dynamic batching: concurrent calls asking for the same per-example tensors (input, layer "
+        "and link gradients, activations; not parameter gradients) wait up to MS milliseconds to be "
+        "computed as one batch of at most --max-batch-size inputs; each gets its own rows, equal to "
+        "its own call up to float32 rounding, or bit-identical with the request's exact flag. "
+        "Only for models that compute each input independently of the others (every built-in "
+        "does). Default %(default)s: off",
     )
     parser.add_argument(
         "--compute-slots",
@@ -419,6 +437,8 @@ def from_args(args: argparse.Namespace) -> ServerConfig:
             raise SystemExit(f"layergrad-server: --{name.replace('_', '-')} must be positive")
     if args.cpu_kernels not in CPU_KERNELS:  # a bad $LAYERGRAD_CPU_KERNELS
         raise SystemExit(f"layergrad-server: --cpu-kernels must be one of {', '.join(CPU_KERNELS)}")
+    if not 0 <= args.batch_delay_ms <= MAX_BATCH_DELAY_MS:  # also NaN
+        raise SystemExit(f"layergrad-server: --batch-delay-ms must be in [0, {MAX_BATCH_DELAY_MS:g}]")
     if args.workers < 0 or args.blas_threads < 0:
         raise SystemExit("layergrad-server: --workers and --blas-threads must not be negative")
     workers = args.workers or default_workers(usable_cpus())
@@ -452,6 +472,7 @@ def from_args(args: argparse.Namespace) -> ServerConfig:
         max_batch_size=args.max_batch_size,
         explain_batch_size=min(args.explain_batch_size, args.max_batch_size),
         compute_slots=args.compute_slots,
+        batch_delay_ms=args.batch_delay_ms,
         max_queue=args.max_queue,
         threads=args.threads,
         grace_seconds=args.grace,

@@ -96,9 +96,13 @@ class SquaredError:
 
 @dataclasses.dataclass(frozen=True)
 class SoftmaxCrossEntropy:
-    """softmax_cross_entropy(logits, labels), averaged over the batch (VGG16's logits: fc8)."""
+    """softmax_cross_entropy(logits, labels), averaged over the batch (VGG16's logits: fc8).
+
+    ``row_weights``, when set, weighs each input's cross entropy instead of the average (the
+    sum of ``row_weights * cross_entropy``): requests computed together keep each one's mean."""
 
     labels: np.ndarray
+    row_weights: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,6 +209,8 @@ class GradientResult:
 
     tensors: list[ResultTensor]
     loss: float | None
+    # With ``Engine.gradients(members=...)``: each member's own loss value, in order.
+    member_losses: tuple[float | None, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -648,6 +654,7 @@ class Engine:
         checkpoint: Checkpoint | None = None,
         defer_dtype: bool = False,
         on_final: OnFinal | None = None,
+        members: Sequence[tuple[int, int, Loss]] = (),
     ) -> GradientResult:
         """Runs a planned query with the requested backward pattern.
 
@@ -658,6 +665,10 @@ class Engine:
         ``defer_dtype``'s typing), and the loss value; the result still holds every
         tensor. A parameter gets no such call when more than one function of the
         graph uses it, or the backward pass does not reach it.
+
+        ``members`` (``(start, stop, loss)`` for rows ``start:stop`` of a batch that joins
+        several requests) asks for each member's own loss value, computed the way ``loss``
+        alone would be on those rows of the loss layer, in ``member_losses``.
         """
         query = plan.query
         with (
@@ -671,6 +682,7 @@ class Engine:
             wanted = {plan.loss_layer, *plan.layers, *query.activations}
             acts, link_outputs = self._forward_links(x, wanted, plan.links)
             root, root_grad, loss_value = self._objective(query.loss, acts[plan.loss_layer])
+            member_losses = tuple(self._member_loss(acts[plan.loss_layer], *member) for member in members)
             final = None
             if on_final is not None and plan.parameters:
                 specs = {spec.name: spec for spec in plan.results if spec.kind is Kind.PARAMETER_GRADIENT}
@@ -693,7 +705,12 @@ class Engine:
         tensors = [
             _result_tensor(spec, array, defer_dtype) for spec, array in zip(plan.results, arrays, strict=True)
         ]
-        return GradientResult(tensors, loss_value)
+        return GradientResult(tensors, loss_value, member_losses)
+
+    def _member_loss(self, y: chainer.Variable, start: int, stop: int, loss: Loss) -> float | None:
+        """The value of ``loss`` on rows ``start:stop`` of ``y``, outside the graph."""
+        with chainer.using_config("enable_backprop", False):
+            return self._objective(loss, chainer.Variable(y.array[start:stop]))[2]
 
     def _objective(
         self, loss: Loss, y: chainer.Variable
@@ -712,7 +729,11 @@ class Engine:
                 target[np.arange(y.shape[0]), loss.target_classes] = 1
             value = F.sum(F.square(y - send(target)))
         elif isinstance(loss, SoftmaxCrossEntropy):
-            value = F.softmax_cross_entropy(y, send(loss.labels.astype(np.int32)))
+            labels = send(loss.labels.astype(np.int32))
+            if loss.row_weights is None:
+                value = F.softmax_cross_entropy(y, labels)
+            else:
+                value = F.sum(F.softmax_cross_entropy(y, labels, reduce="no") * send(loss.row_weights))
         else:
             value = F.sum(F.select_item(y, send(loss.classes.astype(np.int32))))
         return value, None, float(value.array)

@@ -260,6 +260,8 @@ class GradientServer:
         if self.metrics is not None:
             observers.append(self.metrics)
             self.admission.listener = self.metrics.admission_changed
+            if self._servicer.batcher is not None:
+                self._servicer.batcher.listener = self.metrics
         self._tracer_provider: Any = None
         if config.tracing:
             observers.append(self._tracing())

@@ -21,6 +21,7 @@ from layergrad._gen.layergrad.v1 import gradient_service_pb2_grpc as pb_grpc
 from layergrad_server import __version__, convert, engine, explain, explain_rpc
 from layergrad_server.admission import Admission, AdmittedCall
 from layergrad_server.config import ServerConfig
+from layergrad_server.dynamic_batching import Batcher
 from layergrad_server.errors import Cancelled, FailedPrecondition, ResultTooLarge
 from layergrad_server.observability.context import SERVER_TIMING_KEY, CallRecord
 from layergrad_server.registry import ModelState, Registry
@@ -54,6 +55,10 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         self._admission = admission
         self.models = models if models is not None else Registry()
         self._regions = RegionMaps() if config.shared_memory else None
+        # Concurrent calls' per-example work computed as one batch (``--batch-delay-ms``).
+        self.batcher = (
+            Batcher(config.batch_delay_ms / 1e3, config.max_batch_size) if config.batch_delay_ms > 0 else None
+        )
 
     def close(self) -> None:
         """Unmaps the ExportGradients shared memory segments (on server stop); the callers own them."""
@@ -108,8 +113,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
                     "any size",
                     reason="USE_STREAM_GRADIENTS",
                 )
-            with call.computing():
-                result = model.gradients(plan, checkpoint=call.checkpoint, defer_dtype=True)
+            result = self._gradients(model, plan, call, request.exact)
             result, exponents = convert.encode_result(result, request.float16_scaling)
             return convert.gradients_response(result, exponents)
 
@@ -125,8 +129,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
                 with contextlib.closing(frames):  # stops the computation if the caller goes
                     yield from frames
                 return
-            with call.computing():
-                result = model.gradients(plan, checkpoint=call.checkpoint, defer_dtype=True)
+            result = self._gradients(model, plan, call, request.exact)
             # Reduced output types are checked (refused, if need be) before the first message, then
             # converted chunk by chunk, ahead of the one being sent.
             result, exponents = convert.encode_result(result, request.float16_scaling, defer=True)
@@ -230,10 +233,9 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         with self._admit(cost_kind(request), request, context) as call:
             plan = self._plan(model, request)
             with self._regions.lease(region, plan.results) as target:
-                with call.computing():
-                    computing = time.perf_counter()
-                    result = model.gradients(plan, checkpoint=call.checkpoint, defer_dtype=True)
-                    computed = time.perf_counter()
+                computing = time.perf_counter()
+                result = self._gradients(model, plan, call, request.exact)
+                computed = time.perf_counter()
                 call.checkpoint()  # nothing written for a caller already gone
                 result, exponents = convert.encode_result(result, request.float16_scaling, defer=True)
                 target.write(result.tensors, exponents)
@@ -276,8 +278,11 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             batch = convert.inputs_to_batch(
                 request.inputs, model.adapter, self._config.image_limits, self._config.max_batch_size
             )
-            with call.computing():
-                result = model.predict(batch, tuple(request.layers), dtype, checkpoint=call.checkpoint)
+            if self.batcher is None or request.exact:
+                with call.computing():
+                    result = model.predict(batch, tuple(request.layers), dtype, checkpoint=call.checkpoint)
+            else:
+                result = self.batcher.predict(model, batch, tuple(request.layers), dtype, call)
             return convert.predict_response(result, request.float16_scaling)
 
     def Explain(  # noqa: N802
@@ -353,6 +358,15 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             context.is_active,
             on_computed=None if record is None else record.admitted,
         )
+
+    def _gradients(
+        self, model: engine.Engine, plan: engine.Plan, call: AdmittedCall, exact: bool
+    ) -> engine.GradientResult:
+        """The planned gradients, with other calls' (dynamic batching) unless ``exact`` or off."""
+        if self.batcher is None or exact:
+            with call.computing():
+                return model.gradients(plan, checkpoint=call.checkpoint, defer_dtype=True)
+        return self.batcher.gradients(model, plan, call, defer_dtype=True)
 
     def _plan(
         self,

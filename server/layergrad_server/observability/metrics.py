@@ -15,6 +15,11 @@
 ``layergrad_calls_in_flight``                gauge    calls being handled now, by ``protocol``
 ``layergrad_queue_depth``                    gauge    admitted calls waiting for a compute slot
 ``layergrad_calls_computing``                gauge    calls holding a compute slot
+``layergrad_batch_waiting``                  gauge    calls waiting to be computed in a batch with others
+                                                      (``--batch-delay-ms``)
+``layergrad_batches_total``                  counter  batches computed by dynamic batching (a call alone
+                                                      counts as a batch of one)
+``layergrad_batched_calls_total``            counter  calls computed in those batches
 ``layergrad_model_load_seconds``             gauge    seconds the served model took to load and warm
                                                       up, by ``model``
 ``layergrad_resident_memory_bytes``          gauge    resident memory, by ``process`` (``server``; under
@@ -120,6 +125,18 @@ class Metrics(Observer):
             registry=reg,
             multiprocess_mode="livesum",
         )
+        self.waiting_in_batch = Gauge(
+            "layergrad_batch_waiting",
+            "Calls waiting to be computed in a batch with others",
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
+        self.dynamic_batches = Counter(
+            "layergrad_batches", "Batches computed by dynamic batching", registry=reg
+        )
+        self.batched_calls = Counter(
+            "layergrad_batched_calls", "Calls computed in dynamic batches", registry=reg
+        )
         self.model_load = Gauge(
             "layergrad_model_load_seconds",
             "Seconds the served model took to load and warm up",
@@ -150,6 +167,15 @@ class Metrics(Observer):
         """The admission's listener: calls waiting for a slot and holding one."""
         self.queue_depth.set(queued)
         self.computing.set(computing)
+
+    def batch_waiting(self, calls: int) -> None:
+        """The batcher's listener: calls waiting in open batches."""
+        self.waiting_in_batch.set(calls)
+
+    def batch_computed(self, calls: int) -> None:
+        """The batcher's listener: a batch of ``calls`` calls was computed."""
+        self.dynamic_batches.inc()
+        self.batched_calls.inc(calls)
 
     def model_loaded(self, model: str, seconds: float) -> None:
         self.model_load.labels(model).set(seconds)

@@ -226,7 +226,7 @@ class NamedTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[TensorKind, str]] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ComputeGradientsRequest(_message.Message):
-    __slots__ = ("inputs", "loss", "pattern", "targets", "activation_layers", "output_dtype", "model", "model_version", "float16_scaling")
+    __slots__ = ("inputs", "loss", "pattern", "targets", "activation_layers", "output_dtype", "model", "model_version", "float16_scaling", "exact")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     PATTERN_FIELD_NUMBER: _ClassVar[int]
@@ -236,6 +236,7 @@ class ComputeGradientsRequest(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     FLOAT16_SCALING_FIELD_NUMBER: _ClassVar[int]
+    EXACT_FIELD_NUMBER: _ClassVar[int]
     inputs: _containers.RepeatedCompositeFieldContainer[Input]
     loss: Loss
     pattern: BackwardPattern
@@ -245,7 +246,8 @@ class ComputeGradientsRequest(_message.Message):
     model: str
     model_version: str
     float16_scaling: bool
-    def __init__(self, inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., loss: _Optional[_Union[Loss, _Mapping]] = ..., pattern: _Optional[_Union[BackwardPattern, str]] = ..., targets: _Optional[_Union[GradientTargets, _Mapping]] = ..., activation_layers: _Optional[_Iterable[str]] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., float16_scaling: _Optional[bool] = ...) -> None: ...
+    exact: bool
+    def __init__(self, inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., loss: _Optional[_Union[Loss, _Mapping]] = ..., pattern: _Optional[_Union[BackwardPattern, str]] = ..., targets: _Optional[_Union[GradientTargets, _Mapping]] = ..., activation_layers: _Optional[_Iterable[str]] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., float16_scaling: _Optional[bool] = ..., exact: _Optional[bool] = ...) -> None: ...
 
 class ComputeGradientsResponse(_message.Message):
     __slots__ = ("gradients", "activations", "loss")
@@ -258,7 +260,7 @@ class ComputeGradientsResponse(_message.Message):
     def __init__(self, gradients: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., activations: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., loss: _Optional[float] = ...) -> None: ...
 
 class StreamGradientsRequest(_message.Message):
-    __slots__ = ("inputs", "loss", "pattern", "targets", "activation_layers", "output_dtype", "model", "model_version", "float16_scaling", "parameters_when_ready")
+    __slots__ = ("inputs", "loss", "pattern", "targets", "activation_layers", "output_dtype", "model", "model_version", "float16_scaling", "parameters_when_ready", "exact")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     PATTERN_FIELD_NUMBER: _ClassVar[int]
@@ -269,6 +271,7 @@ class StreamGradientsRequest(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     FLOAT16_SCALING_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_WHEN_READY_FIELD_NUMBER: _ClassVar[int]
+    EXACT_FIELD_NUMBER: _ClassVar[int]
     inputs: _containers.RepeatedCompositeFieldContainer[Input]
     loss: Loss
     pattern: BackwardPattern
@@ -279,7 +282,8 @@ class StreamGradientsRequest(_message.Message):
     model_version: str
     float16_scaling: bool
     parameters_when_ready: bool
-    def __init__(self, inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., loss: _Optional[_Union[Loss, _Mapping]] = ..., pattern: _Optional[_Union[BackwardPattern, str]] = ..., targets: _Optional[_Union[GradientTargets, _Mapping]] = ..., activation_layers: _Optional[_Iterable[str]] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., float16_scaling: _Optional[bool] = ..., parameters_when_ready: _Optional[bool] = ...) -> None: ...
+    exact: bool
+    def __init__(self, inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., loss: _Optional[_Union[Loss, _Mapping]] = ..., pattern: _Optional[_Union[BackwardPattern, str]] = ..., targets: _Optional[_Union[GradientTargets, _Mapping]] = ..., activation_layers: _Optional[_Iterable[str]] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., float16_scaling: _Optional[bool] = ..., parameters_when_ready: _Optional[bool] = ..., exact: _Optional[bool] = ...) -> None: ...
 
 class StreamGradientsResponse(_message.Message):
     __slots__ = ("name", "kind", "dtype", "shape", "offset", "data", "loss", "scale_exponent", "position")
@@ -314,7 +318,7 @@ class SharedMemoryRegion(_message.Message):
     def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
 
 class ExportGradientsRequest(_message.Message):
-    __slots__ = ("inputs", "loss", "pattern", "targets", "activation_layers", "output_dtype", "region", "model", "model_version", "float16_scaling")
+    __slots__ = ("inputs", "loss", "pattern", "targets", "activation_layers", "output_dtype", "region", "model", "model_version", "float16_scaling", "exact")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     PATTERN_FIELD_NUMBER: _ClassVar[int]
@@ -325,6 +329,7 @@ class ExportGradientsRequest(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     FLOAT16_SCALING_FIELD_NUMBER: _ClassVar[int]
+    EXACT_FIELD_NUMBER: _ClassVar[int]
     inputs: _containers.RepeatedCompositeFieldContainer[Input]
     loss: Loss
     pattern: BackwardPattern
@@ -335,7 +340,8 @@ class ExportGradientsRequest(_message.Message):
     model: str
     model_version: str
     float16_scaling: bool
-    def __init__(self, inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., loss: _Optional[_Union[Loss, _Mapping]] = ..., pattern: _Optional[_Union[BackwardPattern, str]] = ..., targets: _Optional[_Union[GradientTargets, _Mapping]] = ..., activation_layers: _Optional[_Iterable[str]] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., region: _Optional[_Union[SharedMemoryRegion, _Mapping]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., float16_scaling: _Optional[bool] = ...) -> None: ...
+    exact: bool
+    def __init__(self, inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., loss: _Optional[_Union[Loss, _Mapping]] = ..., pattern: _Optional[_Union[BackwardPattern, str]] = ..., targets: _Optional[_Union[GradientTargets, _Mapping]] = ..., activation_layers: _Optional[_Iterable[str]] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., region: _Optional[_Union[SharedMemoryRegion, _Mapping]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., float16_scaling: _Optional[bool] = ..., exact: _Optional[bool] = ...) -> None: ...
 
 class TensorRef(_message.Message):
     __slots__ = ("name", "kind", "dtype", "shape", "offset", "scale_exponent")
@@ -362,20 +368,22 @@ class ExportGradientsResponse(_message.Message):
     def __init__(self, tensors: _Optional[_Iterable[_Union[TensorRef, _Mapping]]] = ..., loss: _Optional[float] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ("inputs", "layers", "output_dtype", "model", "model_version", "float16_scaling")
+    __slots__ = ("inputs", "layers", "output_dtype", "model", "model_version", "float16_scaling", "exact")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     FLOAT16_SCALING_FIELD_NUMBER: _ClassVar[int]
+    EXACT_FIELD_NUMBER: _ClassVar[int]
     inputs: _containers.RepeatedCompositeFieldContainer[Input]
     layers: _containers.RepeatedScalarFieldContainer[str]
     output_dtype: DataType
     model: str
     model_version: str
     float16_scaling: bool
-    def __init__(self, inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., layers: _Optional[_Iterable[str]] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., float16_scaling: _Optional[bool] = ...) -> None: ...
+    exact: bool
+    def __init__(self, inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., layers: _Optional[_Iterable[str]] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., float16_scaling: _Optional[bool] = ..., exact: _Optional[bool] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
     __slots__ = ("activations",)
