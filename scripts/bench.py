@@ -1842,8 +1842,19 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # the rest of the report still stands
         report["shared_memory"] = {"error": f"{type(error).__name__}: {error}"}
     report["targets"].append(bench_shm.target(report["shared_memory"]))
+    # Dynamic batching (scripts/bench_batching.py): concurrent callers merged against one at a time.
+    import bench_batching
+
+    log("dynamic batching (scripts/bench_batching.py)")
+    try:
+        report["dynamic_batching"] = bench_batching.measure(1 if args.quick else args.repeat)
+    except Exception as error:
+        report["dynamic_batching"] = {"error": f"{type(error).__name__}: {error}"}
+    report["targets"].append(bench_batching.target(report["dynamic_batching"]))
     head, sep, tail = render(report).partition("\ntargets:\n")
-    text = head + "\n" + "\n".join(bench_shm.report_lines(report["shared_memory"])) + "\n" + sep + tail
+    sections = [*bench_shm.report_lines(report["shared_memory"])]
+    sections += bench_batching.report_lines(report["dynamic_batching"])
+    text = head + "\n" + "\n".join(sections) + "\n" + sep + tail
     report["table"] = text
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(_finite(report), indent=2, default=_json_default, allow_nan=False) + "\n")
