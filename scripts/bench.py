@@ -1851,9 +1851,19 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:
         report["dynamic_batching"] = {"error": f"{type(error).__name__}: {error}"}
     report["targets"].append(bench_batching.target(report["dynamic_batching"]))
+    # Per-call overhead (scripts/bench_overhead.py): wall time minus compute, beside a gRPC echo.
+    import bench_overhead
+
+    log("per-call overhead (scripts/bench_overhead.py)")
+    try:
+        report["overhead"] = bench_overhead.measure(5 if args.quick else 4 * args.repeat)
+    except Exception as error:
+        report["overhead"] = {"error": f"{type(error).__name__}: {error}"}
+    report["targets"].extend(bench_overhead.targets(report["overhead"]))
     head, sep, tail = render(report).partition("\ntargets:\n")
     sections = [*bench_shm.report_lines(report["shared_memory"])]
     sections += bench_batching.report_lines(report["dynamic_batching"])
+    sections += bench_overhead.report_lines(report["overhead"])
     text = head + "\n" + "\n".join(sections) + "\n" + sep + tail
     report["table"] = text
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -109,6 +109,19 @@ def test_scaled_and_bfloat16_frames_match_the_generated_serialization_and_decode
             np.testing.assert_array_equal(got.array, sent_values)
 
 
+@pytest.mark.parametrize("loss", [None, 0.0, -1.25])
+def test_unary_response_bytes_are_the_generated_serialization(loss):
+    plain = engine.GradientResult(result_tensors(False), loss)
+    assert convert.gradients_response_bytes(plain) == convert.gradients_response(plain).SerializeToString()
+    result, exponents = encoded_result(True)
+    reference = convert.gradients_response(result, exponents).SerializeToString()
+    assert convert.gradients_response_bytes(result, exponents) == reference
+    parsed = pb.ComputeGradientsResponse.FromString(convert.gradients_response_bytes(plain))
+    assert [t.name for t in parsed.gradients] == ["input", "conv5_3", "fc8/W", "empty"]
+    assert [t.name for t in parsed.activations] == ["scalar", "prob"]
+    assert parsed.HasField("loss") == (loss is not None)
+
+
 def test_unscaled_float16_of_values_out_of_range_is_refused_with_counts():
     with pytest.raises(OutOfRange) as caught:
         encoded_result(False)

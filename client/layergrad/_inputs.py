@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import numpy as np
 
 from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
-from layergrad._tensors import to_tensor
+from layergrad._tensors import fill_tensor
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -50,48 +50,63 @@ _ACCEPTED = (
 
 def to_inputs(images: Images) -> list[pb.Input]:
     """The ``Input`` messages for one image or a batch; raises TypeError/ValueError if unusable."""
+    holder = pb.PredictRequest()
+    add_inputs(holder.inputs, images)
+    return list(holder.inputs)
+
+
+def add_inputs(field: Any, images: Images) -> None:
+    """Appends the ``Input`` messages for ``images`` to a request's ``inputs`` field, built in
+    place: each image's bytes are copied into the request once (a message built apart and
+    then set in the request is copied again, at every level). TypeError/ValueError if unusable."""
     items = list(images) if isinstance(images, list | tuple) else [images]
     if not items:
         raise ValueError("images is empty: pass at least one image")
-    inputs: list[pb.Input] = []
     for index, item in enumerate(items):
         if isinstance(item, list | tuple):
             raise TypeError(f"images[{index}] is a {type(item).__name__}: nested lists are not accepted")
-        inputs.extend(_convert(item, f"images[{index}]" if len(items) > 1 else "image"))
-    return inputs
+        _add(field, item, f"images[{index}]" if len(items) > 1 else "image")
 
 
-def _convert(item: object, where: str) -> list[pb.Input]:
+def _add(field: Any, item: object, where: str) -> None:
     if isinstance(item, np.ndarray):
-        return _from_array(item, where)
-    if isinstance(item, bytes | bytearray | memoryview):
-        return [_from_encoded(bytes(item), where)]
-    if isinstance(item, str | os.PathLike):
-        return [_from_path(item, where)]
-    if _is_pil_image(item):
-        return [pb.Input(encoded_image=_png_bytes(item))]
-    raise TypeError(f"{where}: unsupported type {type(item).__name__}; expected {_ACCEPTED}")
+        _add_array(field, item, where)
+    elif isinstance(item, bytes | bytearray | memoryview):
+        field.add(encoded_image=_checked_encoded(bytes(item), where))
+    elif isinstance(item, str | os.PathLike):
+        field.add(encoded_image=_read(item, where))
+    elif _is_pil_image(item):
+        field.add(encoded_image=_png_bytes(item))
+    else:
+        raise TypeError(f"{where}: unsupported type {type(item).__name__}; expected {_ACCEPTED}")
 
 
-def _from_array(array: np.ndarray, where: str) -> list[pb.Input]:
+def _add_array(field: Any, array: np.ndarray, where: str) -> None:
     if array.ndim == 4:
         if array.shape[0] == 0:
             raise ValueError(f"{where}: the batch array has no images (shape {array.shape})")
-        return [_from_image_array(array[i], f"{where}[{i}]") for i in range(array.shape[0])]
-    if array.ndim == 3:
-        return [_from_image_array(array, where)]
-    raise ValueError(f"{where}: array of shape {array.shape} is neither one image (3-D) nor a batch (4-D)")
+        for i in range(array.shape[0]):
+            _add_image_array(field, array[i], f"{where}[{i}]")
+    elif array.ndim == 3:
+        _add_image_array(field, array, where)
+    else:
+        raise ValueError(
+            f"{where}: array of shape {array.shape} is neither one image (3-D) nor a batch (4-D)"
+        )
 
 
-def _from_image_array(array: np.ndarray, where: str) -> pb.Input:
+def _add_image_array(field: Any, array: np.ndarray, where: str) -> None:
     if array.dtype == np.uint8:
-        return pb.Input(rgb_image=to_tensor(_checked_rgb(array, where)))
-    if array.dtype in (np.float32, np.float64):
-        return pb.Input(prepared=to_tensor(_checked_prepared(array, where)))
-    raise ValueError(
-        f"{where}: arrays must be uint8 (raw RGB, HxWx3) or float32/float64 (prepared, CxHxW), "
-        f"not {array.dtype}"
-    )
+        checked = _checked_rgb(array, where)
+        fill_tensor(field.add().rgb_image, checked)
+    elif array.dtype in (np.float32, np.float64):
+        checked = _checked_prepared(array, where)
+        fill_tensor(field.add().prepared, checked)
+    else:
+        raise ValueError(
+            f"{where}: arrays must be uint8 (raw RGB, HxWx3) or float32/float64 (prepared, CxHxW), "
+            f"not {array.dtype}"
+        )
 
 
 def _checked_rgb(array: np.ndarray, where: str) -> np.ndarray:
@@ -114,16 +129,16 @@ def _checked_prepared(array: np.ndarray, where: str) -> np.ndarray:
     return array.astype(np.float32, copy=False)
 
 
-def _from_encoded(data: bytes, where: str) -> pb.Input:
+def _checked_encoded(data: bytes, where: str) -> bytes:
     if not data:
         raise ValueError(f"{where}: encoded image bytes are empty")
-    return pb.Input(encoded_image=data)
+    return data
 
 
-def _from_path(path: str | os.PathLike[str], where: str) -> pb.Input:
+def _read(path: str | os.PathLike[str], where: str) -> bytes:
     with open(path, "rb") as handle:
         data = handle.read()
-    return _from_encoded(data, f"{where} ({os.fspath(path)})")
+    return _checked_encoded(data, f"{where} ({os.fspath(path)})")
 
 
 def _is_pil_image(item: object) -> bool:

@@ -73,13 +73,22 @@ def dtype_name(wire_dtype_value: int) -> str:
 
 def to_tensor(array: npt.ArrayLike) -> pb.Tensor:
     """A wire tensor holding ``array``'s elements in row-major little-endian order."""
+    return fill_tensor(pb.Tensor(), array)
+
+
+def fill_tensor(message: pb.Tensor, array: npt.ArrayLike) -> pb.Tensor:
+    """Sets an empty ``message`` (typically a field of the request being built, so that the
+    data is copied into the message once, not again into each message holding it) to ``array``."""
     arr = np.asarray(array)
     enum = wire_dtype(arr.dtype)
     little = np.ascontiguousarray(arr, dtype=_WIRE_DTYPES[enum])
     data = little.tobytes(order="C")
     if len(data) != little.size * little.itemsize:
         raise ValueError(f"array of shape {arr.shape} serialized to {len(data)} bytes")
-    return pb.Tensor(dtype=enum, shape=arr.shape, data=data)
+    message.dtype = enum
+    message.shape.extend(arr.shape)
+    message.data = data
+    return message
 
 
 def from_tensor(tensor: pb.Tensor, *, copy: bool = True) -> np.ndarray:

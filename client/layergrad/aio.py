@@ -33,7 +33,7 @@ from layergrad._calls import call_info_async, request_metadata
 from layergrad._explain import Explanation
 from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
 from layergrad._gen.layergrad.v1 import gradient_service_pb2_grpc as pb_grpc
-from layergrad._inputs import Images, to_inputs
+from layergrad._inputs import Images, add_inputs
 from layergrad._tensors import _ChunkAssembler, parse_stream_chunk, result_from_tensor
 from layergrad.client import (
     _WAIT_REASONS,
@@ -208,14 +208,17 @@ class Client:
     ) -> Prediction:
         """The outputs of ``layers`` for ``images``; see :meth:`layergrad.Client.predict`."""
         name, version = self._model_of(model, model_version)
-        request = pb.PredictRequest(
-            inputs=to_inputs(images),
-            layers=_names(layers, "layers"),
-            output_dtype=_output_dtype(dtype),
-            model=name,
-            model_version=version,
-            float16_scaling=True,
-            exact=exact,
+        request = pb.PredictRequest()
+        add_inputs(request.inputs, images)
+        request.MergeFrom(
+            pb.PredictRequest(
+                layers=_names(layers, "layers"),
+                output_dtype=_output_dtype(dtype),
+                model=name,
+                model_version=version,
+                float16_scaling=True,
+                exact=exact,
+            )
         )
 
         async def run(part: pb.PredictRequest) -> Prediction:

@@ -69,7 +69,7 @@ from layergrad._channel import DEFAULT_PORT, SERVICE_NAME
 from layergrad._explain import Explanation
 from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
 from layergrad._gen.layergrad.v1 import gradient_service_pb2_grpc as pb_grpc
-from layergrad._inputs import Images, to_inputs
+from layergrad._inputs import Images, add_inputs
 from layergrad._shm import RegionPool
 from layergrad._tensors import (
     AssembledTensor,
@@ -610,14 +610,17 @@ class Client:
         computed together with other callers' calls (see :meth:`gradients`).
         """
         name, version = self._model_of(model, model_version)
-        request = pb.PredictRequest(
-            inputs=to_inputs(images),
-            layers=_names(layers, "layers"),
-            output_dtype=_output_dtype(dtype),
-            model=name,
-            model_version=version,
-            float16_scaling=True,
-            exact=exact,
+        request = pb.PredictRequest()
+        add_inputs(request.inputs, images)
+        request.MergeFrom(
+            pb.PredictRequest(
+                layers=_names(layers, "layers"),
+                output_dtype=_output_dtype(dtype),
+                model=name,
+                model_version=version,
+                float16_scaling=True,
+                exact=exact,
+            )
         )
 
         def run(part: pb.PredictRequest) -> Prediction:
@@ -812,8 +815,9 @@ class Client:
             exact: never have the call computed together with other callers'. A server
                 started with ``--batch-delay-ms`` computes concurrent calls that ask for
                 the same per-input tensors (no parameter gradients) as one batch; each gets
-                its own rows, equal to its own call to float32 rounding. With ``exact`` the
-                result is bit-identical to the same Chainer code in-process.
+                its own rows, equal to its own call to float32 rounding but where rounding
+                moves a ReLU or max-pooling input across its tie (README, Dynamic batching).
+                With ``exact`` the result is bit-identical to the same Chainer code in-process.
 
         Batches larger than the server takes (``ModelInfo.max_batch_size``) are split
         into consecutive sub-batches, one call each (``timeout`` applies to each), and
@@ -1345,19 +1349,23 @@ def _gradients_request(
         # Parameter gradients are sent while the backward pass goes on; the assembler puts
         # the tensors back in the documented order (their ``position``).
         extra["parameters_when_ready"] = True
-    return message_type(
-        inputs=to_inputs(images),
-        loss=loss._to_proto(),
-        pattern=_pattern(pattern),
-        targets=targets,
-        activation_layers=_names(activations, "activations"),
-        output_dtype=_output_dtype(dtype),
-        model=_model_name(model),
-        model_version=model_version,
-        float16_scaling=True,  # this SDK undoes the scale (see _tensors.decode_into)
-        exact=bool(exact),
-        **extra,
+    message = message_type()
+    add_inputs(message.inputs, images)
+    message.MergeFrom(
+        message_type(
+            loss=loss._to_proto(),
+            pattern=_pattern(pattern),
+            targets=targets,
+            activation_layers=_names(activations, "activations"),
+            output_dtype=_output_dtype(dtype),
+            model=_model_name(model),
+            model_version=model_version,
+            float16_scaling=True,  # this SDK undoes the scale (see _tensors.decode_into)
+            exact=bool(exact),
+            **extra,
+        )
     )
+    return message
 
 
 def _model_name(model: str | None) -> str:

@@ -410,6 +410,48 @@ def gradients_response(
     return response
 
 
+def gradients_response_bytes(result: engine.GradientResult, exponents: Sequence[int] | None = None) -> bytes:
+    """``gradients_response(result, exponents)``, serialized: the same bytes, built with one ``join``
+    of each tensor's encoded fields and a view of its data (one copy of the data; the generated
+    class copies it into each message it is set in, then serializes)."""
+    parts: list[bytes | memoryview] = []
+    pairs = list(zip(result.tensors, _exponents(result, exponents), strict=True))
+    for field, activations in ((_GRADIENTS, False), (_ACTIVATIONS, True)):
+        for tensor, exponent in pairs:
+            if (tensor.kind is engine.Kind.ACTIVATION) == activations:
+                parts.extend(_named_tensor_parts(field, tensor, exponent))
+    if result.loss is not None:
+        parts.append(_RESPONSE_LOSS + struct.pack("<d", result.loss))
+    return b"".join(parts)
+
+
+def _named_tensor_parts(field: bytes, tensor: engine.ResultTensor, exponent: int) -> list[bytes | memoryview]:
+    """One NamedTensor of a ComputeGradientsResponse, as the field ``field`` (proto3 defaults omitted)."""
+    converted = tensor.converted()
+    array = _little_endian(converted)  # at least 1-D: the shape is the converted array's
+    data = memoryview(array.reshape(-1).view(np.uint8))
+    shape = b"".join(_varint(size) for size in converted.shape)
+    body = b"".join(
+        (
+            _TENSOR_DTYPE + _varint(dtype_enum(array.dtype)) if dtype_enum(array.dtype) else b"",
+            _TENSOR_SHAPE + _varint(len(shape)) + shape if shape else b"",
+            _TENSOR_DATA + _varint(len(data)) if len(data) else b"",
+        )
+    )
+    tail = _TENSOR_SCALE + _varint(_zigzag(exponent)) if exponent else b""
+    tensor_length = len(body) + len(data) + len(tail)
+    name = tensor.name.encode()
+    kind = KINDS[tensor.kind]
+    head = b"".join(
+        (
+            _NAME + _varint(len(name)) + name if name else b"",
+            _KIND + _varint(kind) if kind else b"",
+            _NAMED_TENSOR + _varint(tensor_length),
+        )
+    )
+    return [field + _varint(len(head) + tensor_length) + head + body, data, tail]
+
+
 def gradient_chunks(
     result: engine.GradientResult,
     chunk_bytes: int,
@@ -452,6 +494,17 @@ _DATA = b"\x32"  # 6, length-delimited
 _LOSS = b"\x39"  # 7, 64-bit
 _SCALE = b"\x40"  # 8, varint (sint32: zigzag)
 _POSITION = b"\x48"  # 9, varint
+# ComputeGradientsResponse: gradients 1 and activations 2 (NamedTensor), loss 3 (double).
+_GRADIENTS = b"\x0a"
+_ACTIVATIONS = b"\x12"
+_RESPONSE_LOSS = b"\x19"
+# NamedTensor: name 1 and kind 2 as in StreamGradientsResponse, tensor 3 (Tensor).
+_NAMED_TENSOR = b"\x1a"
+# Tensor: dtype 1, shape 2 (packed), data 3, scale_exponent 4 (sint32).
+_TENSOR_DTYPE = b"\x08"
+_TENSOR_SHAPE = b"\x12"
+_TENSOR_DATA = b"\x1a"
+_TENSOR_SCALE = b"\x20"
 
 
 def _varint(value: int) -> bytes:

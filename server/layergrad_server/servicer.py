@@ -115,7 +115,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
                 )
             result = self._gradients(model, plan, call, request.exact)
             result, exponents = convert.encode_result(result, request.float16_scaling)
-            return convert.gradients_response(result, exponents)
+            return convert.gradients_response_bytes(result, exponents)
 
     def StreamGradients(  # noqa: N802
         self, request: pb.StreamGradientsRequest, context: grpc.ServicerContext
