@@ -240,14 +240,19 @@ def test_float16_output_rounds_float32_after_a_power_of_two_scale(client):
         np.testing.assert_array_equal(got, precision.decode(encoded.data, encoded.exponent))
 
 
-def test_batch_of_mixed_input_kinds_equals_items_computed_alone(client):
+def test_batch_of_mixed_input_kinds_equals_chainer_on_the_same_batch(client, reference_net):
+    # Against Chainer on the same batch, not each item alone: a batch's matrix products round
+    # differently, and where that moves a ReLU or max-pool input across its tie the gradient
+    # takes the other branch (elements off by far more than rounding, on some machines' BLAS).
     items = [make_input(kind, seed=30 + i) for i, kind in enumerate(INPUT_KINDS)]
     loss = layergrad.ClassScore("prob", [1, 2, 3, 4])
     batch = client.input_gradient(items, loss)
     assert batch.shape == (4, 3, 224, 224)
-    for i, item in enumerate(items):
-        alone = client.input_gradient([item], layergrad.ClassScore("prob", [i + 1]))
-        np.testing.assert_allclose(batch[i], alone[0], rtol=1e-5, atol=1e-12)
+    x = chainer.Variable(np.stack([prepared_reference(item) for item in items]))
+    with chainer.using_config("train", False):
+        prob = reference_net(x, layers=["prob"])["prob"]
+        (expected,) = chainer.grad([F.sum(F.select_item(prob, np.array([1, 2, 3, 4], np.int32)))], [x])
+    assert_same(batch, expected.array, "input")
 
 
 def test_two_concurrent_clients_each_get_their_own_serial_gradients(server):
