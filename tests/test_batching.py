@@ -3,6 +3,12 @@
 Two real servers on the same weights: the session's (``--max-batch-size`` 32) answers
 each batch of 3 in one call; a second one, started with ``--max-batch-size 2``, gets
 it from the SDK as 2 + 1 (an uneven split, so a batch mean must be weighted).
+
+Forward outputs and loss values agree within float32 rounding. Gradients are compared by
+their relative L2 distance: batches of other sizes round the matrix products differently, and
+where that moves a ReLU or max-pool input across its tie the gradient takes the other branch,
+so single elements can differ by far more than rounding (how often depends on the machine's
+BLAS kernels). A wrong weight or a misplaced row is off by tens of percent.
 """
 
 from __future__ import annotations
@@ -28,8 +34,10 @@ from layergrad_server.launch import ServerProcess
 
 BATCH = 3
 SMALL_LIMIT = 2
-# Each tensor of the joined result is within this share of its largest magnitude of one big call.
+# Each forward output of the joined result is within this share of its largest magnitude of one
+# big call; each gradient within FLIP_L2 of it in relative L2 distance.
 RTOL = 1e-4
+FLIP_L2 = 0.05
 RNG = np.random.default_rng(5)
 LOSSES: dict[str, Loss] = {
     "sum-of-squares": SumOfSquares("prob"),
@@ -60,16 +68,29 @@ def relative_error(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.abs(got.astype(np.float64) - want).max()) / (scale or 1.0)
 
 
+def relative_l2(got: np.ndarray, want: np.ndarray) -> float:
+    assert got.shape == want.shape and got.dtype == want.dtype
+    norm = float(np.linalg.norm(want.astype(np.float64)))
+    return float(np.linalg.norm(got.astype(np.float64) - want)) / (norm or 1.0)
+
+
 def assert_joined_equals(joined: GradientResult, big: GradientResult) -> float:
-    """Asserts every tensor agrees within RTOL; returns the largest relative error."""
+    """Asserts the activations agree within RTOL and the gradients within FLIP_L2; returns the
+    largest gradient's relative L2 distance."""
     assert joined.as_dict().keys() == big.as_dict().keys()
-    errors = [relative_error(joined.as_dict()[key], big.as_dict()[key]) for key in big.as_dict()]
+    errors = {}
+    for key, want in big.as_dict().items():
+        got = joined.as_dict()[key]
+        if key.startswith("activation/"):
+            assert relative_error(got, want) <= RTOL, key
+        else:
+            errors[key] = relative_l2(got, want)
     if big.loss is None:
         assert joined.loss is None
     else:
         assert joined.loss == pytest.approx(big.loss, rel=RTOL)
-    assert max(errors) <= RTOL, dict(zip(big.as_dict(), errors, strict=True))
-    return max(errors)
+    assert max(errors.values()) <= FLIP_L2, errors
+    return max(errors.values())
 
 
 @pytest.mark.parametrize("name", list(LOSSES))
@@ -92,7 +113,7 @@ def test_split_batch_equals_one_big_call(
         )
     assert steps == [(2, BATCH), (BATCH, BATCH)]  # refused as too large, then sent as 2 + 1
     error = assert_joined_equals(joined, big)
-    print(f"\n{name}: largest relative difference {error:.2e} (loss {joined.loss} vs {big.loss})")
+    print(f"\n{name}: largest relative L2 distance {error:.2e} (loss {joined.loss} vs {big.loss})")
     assert joined.input is not None and joined.input.shape == (BATCH, 3, 224, 224)
     assert joined.parameters["fc8/W"].shape == (1000, 4096)
 

@@ -58,6 +58,18 @@ def ref_input_gradient(net: vgg.VGG16Layers, x: np.ndarray, cls: int) -> np.ndar
     return g.array[0]
 
 
+def ref_input_gradients(net: vgg.VGG16Layers, xs: np.ndarray, cls: int) -> np.ndarray:
+    """Each row's input gradient of its score ``cls``, the rows computed as one batch, as the
+    server computes an explanation's samples (one internal batch of up to --explain-batch-size).
+    A batch of another size rounds its products differently, which can move a ReLU or max-pool
+    input across its tie and the gradient with it: the reference must batch as the server does."""
+    with chainer.using_config("train", False):
+        v = chainer.Variable(xs.astype(np.float32))
+        y = net.forward(v, layers=["fc8"])["fc8"]
+        (g,) = chainer.grad([F.sum(y[:, cls])], [v])
+    return g.array
+
+
 def ref_score(net: vgg.VGG16Layers, x: np.ndarray, cls: int) -> float:
     with chainer.using_config("train", False), chainer.using_config("enable_backprop", False):
         return float(net.forward(chainer.Variable(x.astype(np.float32)), layers=["fc8"])["fc8"].array[0, cls])
@@ -139,12 +151,11 @@ def smooth_reference(reference_net):
     """The three SmoothGrad maps for samples=3, noise_level=0.2, seed=5, from this module's loop."""
     samples, level, seed = 3, 0.2, 5
     sigma = np.float32(level) * (PREPARED.max() - PREPARED.min())
-    grads = []
+    noisy = []
     for s in range(samples):
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, s])))
-        noisy = PREPARED + sigma * rng.standard_normal(PREPARED.shape, dtype=np.float32)
-        grads.append(ref_input_gradient(reference_net, noisy[None], CLASS).astype(np.float64))
-    stack = np.stack(grads)
+        noisy.append(PREPARED + sigma * rng.standard_normal(PREPARED.shape, dtype=np.float32))
+    stack = ref_input_gradients(reference_net, np.stack(noisy), CLASS).astype(np.float64)
     return {
         "smoothgrad": stack.mean(axis=0),
         "smoothgrad_sq": (stack**2).mean(axis=0),
@@ -177,10 +188,10 @@ def test_integrated_gradients_and_its_completeness_delta(client, reference_net):
     )
     base = vgg.prepare(np.zeros((224, 224, 3), dtype=np.uint8))  # a black image, prepared
     nodes, weights = np.polynomial.legendre.leggauss(steps)
+    points = np.stack([base + np.float32((t + 1) / 2) * (PREPARED - base) for t in nodes])
     total = np.zeros(PREPARED.shape)
-    for t, w in zip(nodes, weights, strict=True):
-        point = base + np.float32((t + 1) / 2) * (PREPARED - base)
-        total += (w / 2) * ref_input_gradient(reference_net, point[None], CLASS)
+    for w, gradient in zip(weights, ref_input_gradients(reference_net, points, CLASS), strict=True):
+        total += (w / 2) * gradient
     attributions = (PREPARED - base).astype(np.float64) * total
     close(explanation.map[0], attributions)
     (target,) = explanation.targets
