@@ -102,7 +102,9 @@ probability: prob
 
 
 def echo_child(port_file: str) -> int:
-    """The floor's server: one unary method that returns the request's bytes."""
+    """The floor's server: one unary method that returns the request's bytes (with the same
+    ``malloc`` settings as the service's server, so that the floor is no higher than its)."""
+    layergrad.keep_freed_memory()
 
     def call(request: bytes, context: grpc.ServicerContext) -> bytes:
         return request
@@ -153,7 +155,11 @@ def _request(x: np.ndarray) -> pb.ComputeGradientsRequest:
 
 
 def measure(rounds: int, batches: tuple[int, ...] = BATCHES) -> dict[str, Any]:
-    """Runs the rounds on servers of their own; the section ``report_lines`` and ``targets`` read."""
+    """Runs the rounds on servers of their own; the section ``report_lines`` and ``targets`` read.
+
+    This process's ``malloc`` keeps freed memory from here on, as a client making such calls
+    would have it (``layergrad.keep_freed_memory``)."""
+    layergrad.keep_freed_memory()
     with tempfile.TemporaryDirectory(prefix="layergrad-bench-overhead-") as tmp:
         folder = pathlib.Path(tmp)
         port_file = folder / "echo-port"
@@ -162,7 +168,7 @@ def measure(rounds: int, batches: tuple[int, ...] = BATCHES) -> dict[str, Any]:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        process = None
+        process = plain = None
         try:
             args = [
                 "--model-repository",
@@ -172,19 +178,26 @@ def measure(rounds: int, batches: tuple[int, ...] = BATCHES) -> dict[str, Any]:
                 "32",
             ]
             process = ServerProcess(args, folder / "server.log")
+            plain = ServerProcess([*args, "--no-keep-freed-memory"], folder / "plain.log")
             process.wait_serving()
+            plain.wait_serving()
             give_up = time.monotonic() + 120
             while not port_file.exists() or not port_file.read_text():
                 if echo.poll() is not None or time.monotonic() > give_up:
                     raise RuntimeError("the echo server did not start")
                 time.sleep(0.05)
             channel = grpc.insecure_channel(f"127.0.0.1:{port_file.read_text()}", options=UNLIMITED)
-            with channel, layergrad.Client(process.address, timeout=600, model="thin") as client:
+            with (
+                channel,
+                layergrad.Client(process.address, timeout=600, model="thin") as client,
+                layergrad.Client(plain.address, timeout=600, model="thin") as plain_client,
+            ):
                 grpc.channel_ready_future(channel).result(timeout=60)
-                section = _run(client, channel.unary_unary(ECHO_METHOD), rounds, batches)
+                section = _run(client, plain_client, channel.unary_unary(ECHO_METHOD), rounds, batches)
         finally:
-            if process is not None:
-                process.terminate()
+            for server in (process, plain):
+                if server is not None:
+                    server.terminate()
             echo.kill()
             echo.wait()
     section["breakdown"] = {str(batch): breakdown(batch) for batch in batches}
@@ -192,7 +205,11 @@ def measure(rounds: int, batches: tuple[int, ...] = BATCHES) -> dict[str, Any]:
 
 
 def _run(
-    client: layergrad.Client, echo: Callable[..., bytes], rounds: int, batches: tuple[int, ...]
+    client: layergrad.Client,
+    plain_client: layergrad.Client,
+    echo: Callable[..., bytes],
+    rounds: int,
+    batches: tuple[int, ...],
 ) -> dict[str, Any]:
     out: dict[str, Any] = {"rounds": rounds, "batches": {}}
     for batch in batches:
@@ -212,6 +229,9 @@ def _run(
             "unary": lambda x=x, loss=loss: client.compute_gradients_unary(x, loss, input=True),
             "shm": lambda x=x, loss=loss: client.gradients(
                 x, loss, input=True, shared_memory=True, copy=False
+            ),
+            "stream, server malloc default": lambda x=x, loss=loss: plain_client.gradients(
+                x, loss, input=True
             ),
         }
         for call in calls.values():  # warm-up: connections, the shared memory region, layouts
@@ -276,14 +296,14 @@ def report_lines(section: dict[str, Any]) -> list[str]:
         "per-call overhead of an input gradient (client wall time - server compute), VGG16-sized "
         f"inputs and results on a 1 ms model; median of {section['rounds']} rounds, ms:",
         f"  {'batch':>5}{'bytes each way':>16}{'echo floor':>12}{'stream':>9}{'unary':>9}{'shm':>9}"
-        f"{'stream/floor':>14}{'unary/floor':>13}",
+        f"{'stream/floor':>14}{'unary/floor':>13}{'stream, server malloc default':>31}",
     ]
     for batch, row in section["batches"].items():
         m = {name: seconds * 1e3 for name, seconds in row["median_s"].items()}
         lines.append(
             f"  {batch:>5}{row['request_bytes'] / 1e6:>13.2f} MB{m['echo']:>12.2f}{m['stream']:>9.2f}"
             f"{m['unary']:>9.2f}{m['shm']:>9.2f}{m['stream'] / m['echo']:>14.2f}"
-            f"{m['unary'] / m['echo']:>13.2f}"
+            f"{m['unary'] / m['echo']:>13.2f}{m['stream, server malloc default']:>31.2f}"
         )
     for batch, steps in section.get("breakdown", {}).items():
         shown = ", ".join(f"{name} {seconds * 1e3:.2f}" for name, seconds in steps.items())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import subprocess
 import sys
 import threading
@@ -53,6 +54,12 @@ def test_repeated_model_info_is_the_same_and_each_caller_owns_its_versions(clien
     assert "edited" not in second.versions and second.versions is not first.versions
     with layergrad.Client(server.address) as fresh:
         assert fresh.model_info() == second  # parsed anew by another Client: the same answer
+
+
+def test_the_server_keeps_freed_memory_for_reuse_on_glibc(server):
+    on_glibc = platform.libc_ver()[0] == "glibc"
+    assert ("malloc keeps freed blocks up to 32 MiB" in server.log()) == on_glibc
+    assert layergrad.keep_freed_memory() is on_glibc  # the SDK's own, in this process
 
 
 def test_health_is_serving_for_the_server_and_the_service(server):

@@ -57,6 +57,7 @@ from layergrad.losses import (
     SumOfSquares,
     UpstreamGradient,
 )
+from layergrad.memory import keep_freed_memory
 
 __version__ = "0.1.0"
 
@@ -100,4 +101,5 @@ __all__ = [
     "WeightsInfo",
     "__version__",
     "from_grpc_error",
+    "keep_freed_memory",
 ]

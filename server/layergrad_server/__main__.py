@@ -122,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     args = config_module.build_parser().parse_args(argv)
     config = config_module.from_args(args)
     configure_logging(config.log_format, config.log_level, config.worker_index)
+    if config.keep_freed_memory:
+        from layergrad.memory import keep_freed_memory
+
+        keep_freed_memory()
     if config.workers > 1:
         return supervise(config, argv)
     worker = config.worker_ready_fd is not None

@@ -60,6 +60,8 @@ class ServerConfig:
     # long to be computed as one batch of at most ``max_batch_size`` inputs; 0 (the default): off.
     batch_delay_ms: float = 0.0
     threads: int = 0  # 0: compute_slots + max_queue + SPARE_THREADS
+    # glibc malloc keeps freed blocks up to 32 MiB for reuse (``layergrad.memory``).
+    keep_freed_memory: bool = True
     grace_seconds: float = 10.0
     # A call whose request message has not arrived, or whose reader has taken no stream
     # message, for this long is ended (see ``handlers``).
@@ -233,6 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
         "its own call up to float32 rounding, or bit-identical with the request's exact flag. "
         "Only for models that compute each input independently of the others (every built-in "
         "does). Default %(default)s: off",
+    )
+    parser.add_argument(
+        "--keep-freed-memory",
+        action=argparse.BooleanOptionalAction,
+        default=_env("KEEP_FREED_MEMORY", "1").lower() in ("1", "true", "yes"),
+        help="have glibc's malloc keep freed blocks up to 32 MiB (requests, batches, results, "
+        "responses) for reuse instead of unmapping them, so calls do not fault their pages in again "
+        "(default on; --no-keep-freed-memory: glibc's defaults, less memory held between calls)",
     )
     parser.add_argument(
         "--compute-slots",
@@ -473,6 +483,7 @@ def from_args(args: argparse.Namespace) -> ServerConfig:
         explain_batch_size=min(args.explain_batch_size, args.max_batch_size),
         compute_slots=args.compute_slots,
         batch_delay_ms=args.batch_delay_ms,
+        keep_freed_memory=args.keep_freed_memory,
         max_queue=args.max_queue,
         threads=args.threads,
         grace_seconds=args.grace,
