@@ -112,13 +112,16 @@ class _Probe:
             def cancel(self) -> bool:
                 return self._call.cancel()
 
-        def timed_export(request: Any, timeout: float | None = None) -> Any:
-            response, call = export.with_call(request, timeout=timeout)
-            probe.server = _server_timing(call.trailing_metadata())
-            return response
+        class TimedExport:
+            """ExportGradients as the SDK calls it (``with_call``), noting the server's timing."""
+
+            def with_call(self, request: Any, **kwargs: Any) -> tuple[Any, Any]:
+                response, call = export.with_call(request, **kwargs)
+                probe.server = _server_timing(call.trailing_metadata())
+                return response, call
 
         stub.StreamGradients = lambda *args, **kwargs: TimedStream(stream(*args, **kwargs))
-        stub.ExportGradients = timed_export
+        stub.ExportGradients = TimedExport()
 
     def time(self, fn: Callable[[], layergrad.GradientResult]) -> tuple[dict[str, float], Any]:
         """One call: its wall time, and the split at the end of the backward pass where known."""
