@@ -428,6 +428,11 @@ BAD = grpc.StatusCode.INVALID_ARGUMENT
             "BAD_PARAMETER",
             ["'output_datatype'", "FP32, FP16", "'FP64'"],
         ),
+        (
+            infer_request([image_input(SMALL)], ["prob"], exact="sometimes"),
+            "BAD_PARAMETER",
+            ["'exact'", "bool"],
+        ),
         # What layergrad.v1 validates comes back as its own error.
         (
             infer_request([image_input(SMALL), targets_input([1000])], ["grad/input"]),
@@ -524,6 +529,15 @@ def test_a_model_taking_any_size_above_a_minimum_says_so():
         return convert.to_v1(request, names, spec, "prob", "prob")
 
     assert len(call([2, 3, 40, 50]).request.inputs) == 2
+    assert not call([1, 3, 40, 50]).request.exact
+    for value in (True, "TRUE"):
+        data = np.zeros([1, 3, 40, 50], "<f4").tobytes()
+        tensor = Input(name="input", datatype="FP32", shape=[1, 3, 40, 50])
+        for outputs in (["prob"], ["grad/input"]):
+            exact = infer_request([(tensor, data)], outputs, exact=value, target_class=1)
+            if outputs == ["prob"]:
+                del exact.parameters["target_class"]
+            assert convert.to_v1(exact, names, spec, "prob", "prob").request.exact
     with pytest.raises(InvalidArgument) as caught:
         call([1, 3, 16, 50])
     assert "H >= 32 and W >= 32" in caught.value.message and caught.value.reason == "BAD_SHAPE"

@@ -91,7 +91,7 @@ _LOSSES = ("class_score", "softmax_cross_entropy", "sum_of_squares", "squared_er
 #: Request parameters ModelInfer reads; any other is refused (a misspelt option would
 #: otherwise be ignored silently). Input and output parameters are ignored: clients add
 #: their own (kserve's ``binary_data_size``).
-REQUEST_PARAMETERS = ("pattern", "loss", "loss_layer", "target_class", "output_datatype")
+REQUEST_PARAMETERS = ("pattern", "loss", "loss_layer", "target_class", "output_datatype", "exact")
 _TARGET_INTEGERS = ("INT64", "INT32")
 
 
@@ -156,6 +156,23 @@ def _integer_parameter(parameters: Mapping[str, v2.InferParameter], name: str) -
         raise InvalidArgument(
             f"parameter {name!r} must be an integer (int64, a whole double or a decimal string); "
             f"got {_shown_value(_parameter(parameters[name]))}",
+            field=f"parameters[{name}]",
+            reason="BAD_PARAMETER",
+        )
+    return value
+
+
+def _bool_parameter(parameters: Mapping[str, v2.InferParameter], name: str) -> bool:
+    """A yes/no option (False when absent): a bool_param, or a string_param ``true``/``false`` in
+    any letter case (for clients that send strings only)."""
+    if name not in parameters:
+        return False
+    value = _parameter(parameters[name])
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        value = value.strip().lower() == "true"
+    if not isinstance(value, bool):
+        raise InvalidArgument(
+            f"parameter {name!r} must be a bool (or the string true or false); got {_shown_value(value)}",
             field=f"parameters[{name}]",
             reason="BAD_PARAMETER",
         )
@@ -401,6 +418,7 @@ def to_v1(
         seen.add(name)
     output_name = _text_parameter(parameters, "output_datatype", tuple(OUTPUT_DTYPE_PARAMETER))
     dtype = pb.DATA_TYPE_FLOAT32 if output_name is None else OUTPUT_DTYPE_PARAMETER[output_name]
+    exact = _bool_parameter(parameters, "exact")
     gradients = any(name.startswith(GRADIENT_PREFIX) for name in outputs)
     layers: list[str] = []
     targets = pb.GradientTargets()
@@ -470,7 +488,8 @@ def to_v1(
                     field=f"parameters[{name}]",
                     reason="UNUSED_PARAMETER",
                 )
-        return V1Call("Predict", pb.PredictRequest(inputs=inputs, layers=layers, output_dtype=dtype), outputs)
+        predict = pb.PredictRequest(inputs=inputs, layers=layers, output_dtype=dtype, exact=exact)
+        return V1Call("Predict", predict, outputs)
 
     pattern = _text_parameter(parameters, "pattern", tuple(_PATTERNS)) or "grad"
     loss_kind = _text_parameter(parameters, "loss", _LOSSES)
@@ -525,6 +544,7 @@ def to_v1(
         targets=targets,
         activation_layers=layers,
         output_dtype=dtype,
+        exact=exact,
     )
     return V1Call("ComputeGradients", v1, outputs)
 
