@@ -33,7 +33,7 @@ from layergrad._calls import call_info_async, request_metadata
 from layergrad._explain import Explanation
 from layergrad._gen.layergrad.v1 import gradient_service_pb2 as pb
 from layergrad._gen.layergrad.v1 import gradient_service_pb2_grpc as pb_grpc
-from layergrad._inputs import Images, add_inputs
+from layergrad._inputs import Images
 from layergrad._tensors import _ChunkAssembler, parse_stream_chunk, result_from_tensor
 from layergrad.client import (
     _WAIT_REASONS,
@@ -51,10 +51,10 @@ from layergrad.client import (
     _model_info,
     _model_name,
     _model_statuses,
-    _names,
     _out_arrays,
     _out_mapping,
-    _output_dtype,
+    _predict_part,
+    _predict_request,
     _remaining,
     _summed,
 )
@@ -208,18 +208,7 @@ class Client:
     ) -> Prediction:
         """The outputs of ``layers`` for ``images``; see :meth:`layergrad.Client.predict`."""
         name, version = self._model_of(model, model_version)
-        request = pb.PredictRequest()
-        add_inputs(request.inputs, images)
-        request.MergeFrom(
-            pb.PredictRequest(
-                layers=_names(layers, "layers"),
-                output_dtype=_output_dtype(dtype),
-                model=name,
-                model_version=version,
-                float16_scaling=True,
-                exact=exact,
-            )
-        )
+        request = _predict_request(images, layers, dtype, name, version, exact)
 
         async def run(part: pb.PredictRequest) -> Prediction:
             async def predict(kwargs: dict[str, Any]) -> Prediction:
@@ -238,15 +227,7 @@ class Client:
             return whole
         parts = []
         for start, stop in _batching.bounds(batch, limit):
-            part = pb.PredictRequest(
-                layers=request.layers,
-                output_dtype=request.output_dtype,
-                model=name,
-                model_version=version,
-                float16_scaling=True,
-                exact=exact,
-            )
-            part.inputs.extend(request.inputs[start:stop])
+            part = _predict_part(request, start, stop)
             parts.append(await run(part))
             if progress is not None:
                 progress(stop, batch)

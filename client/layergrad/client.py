@@ -610,18 +610,7 @@ class Client:
         computed together with other callers' calls (see :meth:`gradients`).
         """
         name, version = self._model_of(model, model_version)
-        request = pb.PredictRequest()
-        add_inputs(request.inputs, images)
-        request.MergeFrom(
-            pb.PredictRequest(
-                layers=_names(layers, "layers"),
-                output_dtype=_output_dtype(dtype),
-                model=name,
-                model_version=version,
-                float16_scaling=True,
-                exact=exact,
-            )
-        )
+        request = _predict_request(images, layers, dtype, name, version, exact)
 
         def run(part: pb.PredictRequest) -> Prediction:
             response, call = self._invoke(
@@ -639,15 +628,7 @@ class Client:
             return whole
         parts = []
         for start, stop in _batching.bounds(batch, limit):
-            part = pb.PredictRequest(
-                layers=request.layers,
-                output_dtype=request.output_dtype,
-                model=name,
-                model_version=version,
-                float16_scaling=True,
-                exact=exact,
-            )
-            part.inputs.extend(request.inputs[start:stop])
+            part = _predict_part(request, start, stop)
             parts.append(run(part))
             if progress is not None:
                 progress(stop, batch)
@@ -1320,6 +1301,39 @@ def _merge_options(
     merged = dict(defaults)
     merged.update(extra.items() if isinstance(extra, Mapping) else (extra or ()))
     return list(merged.items())
+
+
+def _predict_request(
+    images: Images, layers: Names, dtype: OutputDType, model: str, model_version: str, exact: bool
+) -> pb.PredictRequest:
+    """A Predict call's request, its inputs written in place (see ``_inputs.add_inputs``)."""
+    request = pb.PredictRequest()
+    add_inputs(request.inputs, images)
+    request.MergeFrom(
+        pb.PredictRequest(
+            layers=_names(layers, "layers"),
+            output_dtype=_output_dtype(dtype),
+            model=model,
+            model_version=model_version,
+            float16_scaling=True,  # this SDK undoes the scale (see _tensors.decode_into)
+            exact=exact,
+        )
+    )
+    return request
+
+
+def _predict_part(request: pb.PredictRequest, start: int, stop: int) -> pb.PredictRequest:
+    """The request for inputs ``start:stop`` of ``request`` (a batch split at the server's limit)."""
+    part = pb.PredictRequest(
+        layers=request.layers,
+        output_dtype=request.output_dtype,
+        model=request.model,
+        model_version=request.model_version,
+        float16_scaling=request.float16_scaling,
+        exact=request.exact,
+    )
+    part.inputs.extend(request.inputs[start:stop])
+    return part
 
 
 def _gradients_request(
