@@ -431,9 +431,10 @@ def _named_tensor_parts(field: bytes, tensor: engine.ResultTensor, exponent: int
     array = _little_endian(converted)  # at least 1-D: the shape is the converted array's
     data = memoryview(array.reshape(-1).view(np.uint8))
     shape = b"".join(_varint(size) for size in converted.shape)
+    dtype = dtype_enum(array.dtype)
     body = b"".join(
         (
-            _TENSOR_DTYPE + _varint(dtype_enum(array.dtype)) if dtype_enum(array.dtype) else b"",
+            _TENSOR_DTYPE + _varint(dtype) if dtype else b"",
             _TENSOR_SHAPE + _varint(len(shape)) + shape if shape else b"",
             _TENSOR_DATA + _varint(len(data)) if len(data) else b"",
         )
