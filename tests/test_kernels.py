@@ -121,6 +121,27 @@ def test_vgg_convolutions_of_a_batch_of_three_are_bit_identical(
     assert_same(*both(lambda: conv_results(x, w, b, gy, stride=1, pad=1)))
 
 
+def test_convolutions_of_a_batch_of_four_split_by_image_are_bit_identical() -> None:
+    """Above ``_PER_IMAGE_MIN_PRODUCT`` a batch's products run one image at a time."""
+    cin, cout, size, layout = VGG_CONVS[6]
+    assert kernels._per_image_products(size * size, cout, cin * 9)
+    x = np.maximum(random((4, cin, size, size), 11, layout), 0)
+    w = random((cout, cin, 3, 3), 12) * np.float32(np.sqrt(2.0 / (9 * cin)))
+    b = random((cout,), 13) * np.float32(0.01)
+    gy = random((4, cout, size, size), 14)
+    assert_same(*both(lambda: conv_results(x, w, b, gy, stride=1, pad=1)))
+
+
+def test_strided_non_square_convolution_split_by_image_is_bit_identical() -> None:
+    """The per-image split with stride 2 (col2im's strided form) and an odd, non-square input."""
+    x = random((2, 64, 65, 63), 15, "nhwc")
+    w = random((128, 64, 3, 3), 16)
+    b = random((128,), 17)
+    gy = random((2, 128, 33, 32), 18)
+    assert kernels._per_image_products(33 * 32, 128, 64 * 9)
+    assert_same(*both(lambda: conv_results(x, w, b, gy, stride=2, pad=1)))
+
+
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 def test_convolution_input_layouts_are_bit_identical(layout: str) -> None:
     x = random((2, 32, 20, 20), 5, layout)

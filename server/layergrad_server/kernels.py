@@ -21,6 +21,13 @@
   of ``gy`` or of ``+0.0`` instead of a scatter and col2im. ``MaxPoolingNDWithIndexes`` (double
   backward) stays stock: the indexes the forward stores are stock's, same values, dtype and layout.
 
+For a batch whose product per image has at least ``_PER_IMAGE_MIN_PRODUCT`` multiply-adds, the
+convolution forward and the transposed convolution run one image at a time through the batch-1
+path (im2col of one image into a buffer of one image's size, its rows or columns of the product
+written in place, its col2im), and the weight gradient builds the batch's im2col matrix in the
+column-major layout a batch of one has. Stock's batch im2col matrix, many times the caches, cost
+more in copies and page faults than the product itself (batch 2 took 3-5x the time of batch 1).
+
 ``LinearFunction`` is left alone: its time is one matrix product, already a single BLAS call.
 
 Why the results are identical (bit for bit with the same BLAS library and thread count):
@@ -29,6 +36,13 @@ Why the results are identical (bit for bit with the same BLAS library and thread
   operands of the same shapes, values and memory layouts (the im2col matrix is built in stock's
   layout and passed through ``tensordot``'s own transpose and reshape); only where the output of
   a temporary product is written differs (``out=``, a reused buffer);
+* the per-image split computes the same products as the batch's: OpenBLAS's sgemm partitions a
+  product's rows and columns (between threads and into cache blocks) but never its inner
+  dimension, so each output element is the same sum over the same blocks, in the same order,
+  whether its row or column is computed with the rest of the batch or alone; and an operand's
+  row-major or column-major layout only changes how it is packed into the same panels. Below a
+  few million multiply-adds OpenBLAS may instead run small-matrix kernels whose order depends on
+  the shape, which the floor keeps well clear of (all of VGG16's convolutions are above it);
 * im2col, pooling and their outputs are copies and comparisons, which do not round; outputs have
   the memory layout (strides) stock Chainer gives them, so later layout-dependent operations
   (sums over axes, ``tensordot``'s reshapes) see the same arrays;
@@ -128,6 +142,9 @@ class _BufferPool:
 
 _pool = _BufferPool(_POOL_KEEP, _POOL_MAX_BYTES)
 
+# Multiply-adds per image from which a batch's product is computed one image at a time.
+_PER_IMAGE_MIN_PRODUCT = 1 << 26
+
 
 # ---- shared pieces -------------------------------------------------------------------
 
@@ -153,6 +170,15 @@ def _c_ordered(array: numpy.ndarray) -> bool:
         outer_stride >= inner_len * inner_stride
         for (_, outer_stride), (inner_len, inner_stride) in itertools.pairwise(axes)
     )
+
+
+def _per_image_products(m: int, n: int, k: int) -> bool:
+    """Whether a batch's (m x k) by (k x n) product per image is large enough to be split by image.
+
+    Below about a million multiply-adds OpenBLAS may run small-matrix kernels that depend on the
+    operands' layout and shape; splitting stays above that with a wide margin.
+    """
+    return min(m, n, k) >= 2 and m * n * k >= _PER_IMAGE_MIN_PRODUCT
 
 
 def _rows_per_band(row_bytes: int, rows: int) -> int:
@@ -214,15 +240,20 @@ def _col2im(
     Returns the same strided view of a padded buffer stock Chainer returns. ``gcol`` is
     overwritten (the stride-1 form zeroes the terms that fall outside the image).
     """
-    c, n, iw = gcol.shape[0], gcol.shape[3], gcol.shape[5]
-    hp, wp = h + 2 * ph + sy - 1, w + 2 * pw + sx - 1
-    img = numpy.zeros((n, c, hp, wp), dtype=gcol.dtype)
-    inner = img[:, :, ph : ph + h, pw : pw + w]
-    if sy == 1 and sx == 1 and iw == w:
-        _col2im_planes(gcol, inner, ph, pw)
+    c, n = gcol.shape[0], gcol.shape[3]
+    img = numpy.zeros((n, c, h + 2 * ph + sy - 1, w + 2 * pw + sx - 1), dtype=gcol.dtype)
+    _col2im_into(gcol, img, sy, sx, ph, pw)
+    return img[:, :, ph : ph + h, pw : pw + w]
+
+
+def _col2im_into(gcol: numpy.ndarray, img: numpy.ndarray, sy: int, sx: int, ph: int, pw: int) -> None:
+    """Adds col2im of ``gcol`` (c, kh, kw, n, ih, iw) into the zeroed padded images ``img``
+    (n, c, h + 2 ph + sy - 1, w + 2 pw + sx - 1); ``gcol`` is overwritten."""
+    h, w = img.shape[2] - 2 * ph - sy + 1, img.shape[3] - 2 * pw - sx + 1
+    if sy == 1 and sx == 1 and gcol.shape[5] == w:
+        _col2im_planes(gcol, img[:, :, ph : ph + h, pw : pw + w], ph, pw)
     else:
         _col2im_strided(gcol, img, sy, sx)
-    return inner
 
 
 def _col2im_planes(gcol: numpy.ndarray, out: numpy.ndarray, ph: int, pw: int) -> None:
@@ -305,9 +336,19 @@ def _conv_forward_cpu(self: Any, inputs: tuple[numpy.ndarray, ...]) -> tuple[num
     if oh <= 0 or ow <= 0:
         return _ORIGINALS[_convolution_2d.Convolution2DFunction, "forward_cpu"](self, inputs)
     self.retain_inputs((0, 1))
-    with _patches(n, c, kh, kw, oh, ow) as (col, patches):
-        _im2col(x, kh, kw, self.sy, self.sx, self.ph, self.pw, col)
-        y = numpy.dot(patches, w.transpose(1, 2, 3, 0).reshape(c * kh * kw, out_c))
+    w_mat = w.transpose(1, 2, 3, 0).reshape(c * kh * kw, out_c)
+    if n > 1 and _per_image_products(oh * ow, out_c, c * kh * kw):
+        # One image at a time, each through the batch-1 path, its rows of the product written in
+        # place: the same sums as the whole batch's product (see the module's docstring).
+        y = numpy.empty((n * oh * ow, out_c), dtype=x.dtype)
+        with _patches(1, c, kh, kw, oh, ow) as (col, patches):
+            for i in range(n):
+                _im2col(x[i : i + 1], kh, kw, self.sy, self.sx, self.ph, self.pw, col)
+                numpy.dot(patches, w_mat, out=y[i * oh * ow : (i + 1) * oh * ow])
+    else:
+        with _patches(n, c, kh, kw, oh, ow) as (col, patches):
+            _im2col(x, kh, kw, self.sy, self.sx, self.ph, self.pw, col)
+            y = numpy.dot(patches, w_mat)
     y = y.reshape(n, oh, ow, out_c)
     if b is not None:
         y += b
@@ -357,11 +398,18 @@ def _conv_grad_w_forward_cpu(self: Any, inputs: tuple[numpy.ndarray, ...]) -> tu
     self.retain_inputs((0, 1))
     if not (gy.flags.c_contiguous or gy.flags.f_contiguous) and 1 in gy.shape:
         gy = numpy.ascontiguousarray(gy)
-    rows = n * oh * ow
+    rows, depth = n * oh * ow, c * kh * kw
     gy_t = gy.transpose(1, 0, 2, 3).reshape(out_c, rows)
-    with _patches(n, c, kh, kw, oh, ow) as (col, patches):
-        _im2col(x, kh, kw, self.sy, self.sx, self.ph, self.pw, col)
-        gw = numpy.dot(gy_t, patches)
+    if n > 1 and _per_image_products(rows, out_c, depth):
+        # The patches of the whole batch in the column-major layout a batch of one has (written
+        # with whole output rows contiguous), instead of the row order stock's copy makes.
+        with _pool.array((c, kh, kw, n, oh, ow), _FLOAT32) as col_t:
+            _im2col(x, kh, kw, self.sy, self.sx, self.ph, self.pw, col_t.transpose(3, 0, 1, 2, 4, 5))
+            gw = numpy.dot(gy_t, col_t.reshape(depth, rows).T)
+    else:
+        with _patches(n, c, kh, kw, oh, ow) as (col, patches):
+            _im2col(x, kh, kw, self.sy, self.sx, self.ph, self.pw, col)
+            gw = numpy.dot(gy_t, patches)
     return (gw.reshape(out_c, c, kh, kw),)
 
 
@@ -389,10 +437,21 @@ def _deconv_forward_cpu(self: Any, inputs: tuple[numpy.ndarray, ...]) -> tuple[n
         return original(self, inputs)
     self.retain_inputs((0, 1))
     w_t = w.transpose(1, 2, 3, 0).reshape(out_c * kh * kw, in_c)
-    x_t = x.transpose(1, 0, 2, 3).reshape(in_c, n * ih * iw)
-    with _pool.array((out_c * kh * kw, n * ih * iw), _FLOAT32) as gcol:
-        numpy.dot(w_t, x_t, out=gcol)
-        y = _col2im(gcol.reshape(out_c, kh, kw, n, ih, iw), self.sy, self.sx, self.ph, self.pw, h, wd)
+    sy, sx, ph, pw = self.sy, self.sx, self.ph, self.pw
+    if n > 1 and _per_image_products(out_c * kh * kw, ih * iw, in_c):
+        # One image at a time: its columns of the product, then its col2im, in a buffer of one
+        # image's size (the same sums as the whole batch's product; see the module's docstring).
+        img = numpy.zeros((n, out_c, h + 2 * ph + sy - 1, wd + 2 * pw + sx - 1), dtype=x.dtype)
+        with _pool.array((out_c * kh * kw, ih * iw), _FLOAT32) as gcol:
+            for i in range(n):
+                numpy.dot(w_t, x[i].reshape(in_c, ih * iw), out=gcol)
+                _col2im_into(gcol.reshape(out_c, kh, kw, 1, ih, iw), img[i : i + 1], sy, sx, ph, pw)
+        y = img[:, :, ph : ph + h, pw : pw + wd]
+    else:
+        x_t = x.transpose(1, 0, 2, 3).reshape(in_c, n * ih * iw)
+        with _pool.array((out_c * kh * kw, n * ih * iw), _FLOAT32) as gcol:
+            numpy.dot(w_t, x_t, out=gcol)
+            y = _col2im(gcol.reshape(out_c, kh, kw, n, ih, iw), sy, sx, ph, pw, h, wd)
     if b is not None:
         y += b.reshape((1, b.size, 1, 1))
     return (y,)
